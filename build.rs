@@ -1,0 +1,51 @@
+//! Compiles the autograd shim (csrc/) against the libtorch that torch-sys found, and gives
+//! this package's own binaries (tests, examples, benches) an rpath to it and to libnvrtc.
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/vidfuse_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/vidfuse_shim.h");
+    println!("cargo:rerun-if-changed=build.rs");
+    if env::var_os("DOCS_RS").is_some() {
+        return;
+    }
+
+    // torch-sys declares `links = "tch"` and prints `cargo:libtorch_lib=...`.
+    let lib_dir = PathBuf::from(env::var("DEP_TCH_LIBTORCH_LIB").expect(
+        "torch-sys did not report DEP_TCH_LIBTORCH_LIB: run scripts/setup.sh, or set LIBTORCH",
+    ));
+    let include = lib_dir.join("..").join("include");
+
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/vidfuse_shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false)
+        .compile("vidfuse_shim");
+
+    // These apply to this package's tests, examples and benches only; a downstream binary
+    // sets its own rpath (see README).
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    // libnvrtc from the nvidia wheel that sits next to torch in site-packages.
+    if let Some(site_packages) = lib_dir.parent().and_then(|torch| torch.parent()) {
+        let nvrtc_dir = site_packages.join("nvidia/cu13/lib");
+        if nvrtc_dir.is_dir() {
+            println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nvrtc_dir.display());
+        }
+    }
+    // Keep libtorch_cuda linked although no symbol of it is referenced: its static
+    // initialisers register the CUDA backend (otherwise tch reports no CUDA).
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
+    }
+    println!(
+        "cargo:rustc-env=VIDFUSE_LIBTORCH_LIB={}",
+        lib_dir.canonicalize().unwrap_or(lib_dir.clone()).display()
+    );
+}

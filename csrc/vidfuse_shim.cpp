@@ -1,0 +1,143 @@
+// The C++ side of vidfuse_shim.h: a torch::autograd::Node that forwards backward to a
+// callback. Every entry point catches every exception and returns it as a message.
+#include "vidfuse_shim.h"
+
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+char *copy_message(const char *message) {
+    size_t len = std::strlen(message);
+    char *out = static_cast<char *>(std::malloc(len + 1));
+    if (out != nullptr) {
+        std::memcpy(out, message, len + 1);
+    }
+    return out;
+}
+
+// Runs f, turning any exception into a malloc'd message (NULL on success).
+template <typename F> char *guarded(F &&f) noexcept {
+    try {
+        f();
+        return nullptr;
+    } catch (const c10::Error &e) {
+        return copy_message(e.what_without_backtrace());
+    } catch (const std::exception &e) {
+        return copy_message(e.what());
+    } catch (...) {
+        return copy_message("unknown C++ exception");
+    }
+}
+
+at::Tensor &as_tensor(vf_tensor *t) { return *reinterpret_cast<at::Tensor *>(t); }
+
+class CallbackNode final : public torch::autograd::Node {
+  public:
+    CallbackNode(std::string name, void *state, vf_node_callbacks callbacks)
+        : name_(std::move(name)), state_(state), callbacks_(callbacks) {}
+
+    ~CallbackNode() override { callbacks_.drop(state_); }
+
+    std::string name() const override { return name_; }
+
+    torch::autograd::variable_list apply(torch::autograd::variable_list &&grads) override {
+        const size_t n_out = grads.size();
+        const size_t n_in = num_outputs();
+        std::vector<vf_tensor *> grad_ptrs(n_out, nullptr);
+        for (size_t i = 0; i < n_out; ++i) {
+            if (grads[i].defined()) {
+                grad_ptrs[i] = reinterpret_cast<vf_tensor *>(new at::Tensor(grads[i]));
+            }
+        }
+        std::vector<uint8_t> needs(n_in);
+        for (size_t i = 0; i < n_in; ++i) {
+            needs[i] = should_compute_output(i) ? 1 : 0;
+        }
+        std::vector<vf_tensor *> result(n_in, nullptr);
+        char error[4096] = {0};
+        // The callee owns grad_ptrs from here on, whatever it returns.
+        int32_t rc = callbacks_.backward(state_, grad_ptrs.data(), n_out, needs.data(),
+                                         result.data(), n_in, error, sizeof(error));
+        torch::autograd::variable_list out(n_in);
+        for (size_t i = 0; i < n_in; ++i) {
+            if (result[i] != nullptr) {
+                at::Tensor *t = reinterpret_cast<at::Tensor *>(result[i]);
+                out[i] = std::move(*t);
+                delete t;
+            }
+        }
+        if (rc != 0) {
+            error[sizeof(error) - 1] = '\0';
+            throw std::runtime_error(name_ + ": " + error);
+        }
+        return out;
+    }
+
+    void release_variables() override { callbacks_.release(state_); }
+
+  private:
+    std::string name_;
+    void *state_;
+    vf_node_callbacks callbacks_;
+};
+
+} // namespace
+
+extern "C" {
+
+char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs,
+                     vf_tensor *const *outputs, size_t n_outputs, void *state,
+                     vf_node_callbacks callbacks, int32_t *attached) {
+    *attached = 0;
+    bool owned_by_node = false;
+    char *err = guarded([&] {
+        torch::autograd::variable_list in;
+        in.reserve(n_inputs);
+        for (size_t i = 0; i < n_inputs; ++i) {
+            in.push_back(as_tensor(inputs[i]));
+        }
+        if (!torch::autograd::compute_requires_grad(in)) {
+            return;
+        }
+        std::shared_ptr<CallbackNode> node(new CallbackNode(name, state, callbacks),
+                                           torch::autograd::deleteNode);
+        owned_by_node = true;
+        node->set_next_edges(torch::autograd::collect_next_edges(in));
+        for (size_t i = 0; i < n_outputs; ++i) {
+            torch::autograd::set_history(as_tensor(outputs[i]), node);
+        }
+        *attached = 1;
+    });
+    if (!owned_by_node) {
+        callbacks.drop(state);
+    }
+    return err;
+}
+
+char *vf_grad_mode_enabled(int32_t *enabled) {
+    return guarded([&] { *enabled = at::GradMode::is_enabled() ? 1 : 0; });
+}
+
+char *vf_current_cuda_stream(int32_t device_index, void **stream) {
+    *stream = nullptr;
+    return guarded([&] {
+        const c10::Device device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device_index));
+        const auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+        *stream = impl->getStream(device).native_handle();
+    });
+}
+
+void vf_free_error(char *error) { std::free(error); }
+
+} // extern "C"

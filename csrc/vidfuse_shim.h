@@ -1,0 +1,72 @@
+/*
+ * vidfuse_shim.h: a small, generic C interface to a custom libtorch autograd node
+ * whose backward is a callback supplied by the caller (Rust). It knows nothing of VID.
+ *
+ * Tensors cross this boundary as `vf_tensor *`, which is the `at::Tensor *` that tch's
+ * `C_tensor` wraps. Every function returns NULL on success, or an error message that the
+ * caller frees with vf_free_error. No C++ exception ever leaves these functions.
+ */
+#ifndef VIDFUSE_SHIM_H
+#define VIDFUSE_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* An at::Tensor*, the same pointer tch's C_tensor is. */
+typedef struct vf_tensor vf_tensor;
+
+/*
+ * Computes the gradients of the node's inputs.
+ * grad_outputs[i] is a new tensor the callee owns, or NULL when that output's gradient is
+ * undefined. needs_input_grad[i] is 1 when input i needs a gradient. The callee stores in
+ * grad_inputs[i] a new tensor (ownership passes to the caller) or leaves it NULL.
+ * Returns 0 on success; otherwise writes a NUL-terminated message of at most
+ * error_capacity bytes into error and returns non-zero.
+ */
+typedef int32_t (*vf_backward_fn)(void *state, vf_tensor *const *grad_outputs, size_t n_outputs,
+                                  const uint8_t *needs_input_grad, vf_tensor **grad_inputs,
+                                  size_t n_inputs, char *error, size_t error_capacity);
+
+/* Frees what backward needs (autograd's release_variables: the graph will not be reused). */
+typedef void (*vf_release_fn)(void *state);
+
+/* Destroys the state; called exactly once. */
+typedef void (*vf_drop_fn)(void *state);
+
+typedef struct vf_node_callbacks {
+    vf_backward_fn backward;
+    vf_release_fn release;
+    vf_drop_fn drop;
+} vf_node_callbacks;
+
+/*
+ * Makes the outputs (computed by the caller without grad) the outputs of a new autograd node
+ * named `name` whose next edges are the inputs' gradient edges, if grad mode is on and an
+ * input requires grad. *attached is set to 1 when a node was made. The state is owned by the
+ * node when one is made and dropped (callbacks.drop) otherwise, also on error.
+ */
+char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs,
+                     vf_tensor *const *outputs, size_t n_outputs, void *state,
+                     vf_node_callbacks callbacks, int32_t *attached);
+
+/* Whether autograd's grad mode is enabled on this thread. */
+char *vf_grad_mode_enabled(int32_t *enabled);
+
+/*
+ * PyTorch's current CUDA stream for the device (a CUstream / cudaStream_t), through c10's
+ * device-guard registry, so that no CUDA header is needed. Fails when libtorch has no CUDA.
+ */
+char *vf_current_cuda_stream(int32_t device_index, void **stream);
+
+/* Frees a message returned by the functions above. */
+void vf_free_error(char *error);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VIDFUSE_SHIM_H */

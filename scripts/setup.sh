@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a Python venv at .venv/ holding torch==2.11.0 (the libtorch that
+# tch 0.24 pairs with, plus libnvrtc from its CUDA wheels), and a stable link
+# `.libtorch` -> that torch folder, which .cargo/config.toml points LIBTORCH at.
+# A user who already exported LIBTORCH or LIBTORCH_USE_PYTORCH keeps their libtorch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+PYTHON=${PYTHON:-python3}
+
+if [ -n "${LIBTORCH:-}" ] || [ -n "${LIBTORCH_USE_PYTORCH:-}" ]; then
+    echo "setup: using the libtorch you configured (LIBTORCH / LIBTORCH_USE_PYTORCH); nothing to do" >&2
+    exit 0
+fi
+
+venv_python=.venv/bin/python
+if [ ! -x "$venv_python" ]; then
+    echo "setup: creating .venv" >&2
+    "$PYTHON" -m venv .venv
+fi
+
+have=$("$venv_python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+if [ "$have" != "$TORCH_VERSION" ]; then
+    echo "setup: installing torch==$TORCH_VERSION into .venv (about 4.6 GB, a few minutes)" >&2
+    "$venv_python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+
+torch_dir=$("$venv_python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
+    ln -sfn "$torch_dir" .libtorch
+fi
+# libnvrtc (and CUDA headers) ship in the nvidia wheels next to torch.
+nvidia_dir=$(dirname "$torch_dir")/nvidia/cu13
+if [ -d "$nvidia_dir" ] && [ "$(readlink .cuda-libs 2>/dev/null || true)" != "$nvidia_dir" ]; then
+    ln -sfn "$nvidia_dir" .cuda-libs
+fi
+echo "setup: ready (libtorch at $torch_dir)" >&2
