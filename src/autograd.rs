@@ -37,7 +37,9 @@ fn take_error(err: *mut c_char) -> Option<String> {
         return None;
     }
     // SAFETY: the shim returns a NUL-terminated malloc'd string, freed here once.
-    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let message = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { ffi::vf_free_error(err) };
     Some(message)
 }
@@ -75,11 +77,17 @@ pub fn attach<F: BackwardFn>(
     backward: F,
 ) -> Result<bool, String> {
     let name = CString::new(name).map_err(|_| "node name contains a NUL byte".to_string())?;
-    let state = Box::new(NodeState { backward: Mutex::new(Some(Box::new(backward))) });
-    let input_ptrs: Vec<*mut ffi::vf_tensor> =
-        inputs.iter().map(|t| t.as_ptr() as *mut ffi::vf_tensor).collect();
-    let output_ptrs: Vec<*mut ffi::vf_tensor> =
-        outputs.iter().map(|t| t.as_ptr() as *mut ffi::vf_tensor).collect();
+    let state = Box::new(NodeState {
+        backward: Mutex::new(Some(Box::new(backward))),
+    });
+    let input_ptrs: Vec<*mut ffi::vf_tensor> = inputs
+        .iter()
+        .map(|t| t.as_ptr() as *mut ffi::vf_tensor)
+        .collect();
+    let output_ptrs: Vec<*mut ffi::vf_tensor> = outputs
+        .iter()
+        .map(|t| t.as_ptr() as *mut ffi::vf_tensor)
+        .collect();
     let callbacks = ffi::vf_node_callbacks {
         backward: Some(backward_trampoline),
         release: Some(release_trampoline),
@@ -137,11 +145,16 @@ unsafe extern "C" fn backward_trampoline(
             (!p.is_null()).then(|| Tensor::from_ptr(p as *mut torch_sys::C_tensor))
         })
         .collect();
-    let needs: Vec<bool> = (0..n_inputs).map(|i| *needs_input_grad.add(i) != 0).collect();
+    let needs: Vec<bool> = (0..n_inputs)
+        .map(|i| *needs_input_grad.add(i) != 0)
+        .collect();
     let state = &*(state as *const NodeState);
 
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<InputGrads, BackwardError> {
-        let mut guard = state.backward.lock().map_err(|_| "backward state poisoned")?;
+        let mut guard = state
+            .backward
+            .lock()
+            .map_err(|_| "backward state poisoned")?;
         let backward = guard.as_mut().ok_or(
             "trying to backward through the graph a second time (its saved tensors were freed); \
              pass keep_graph / retain_graph = true to the first backward",
@@ -184,7 +197,9 @@ unsafe extern "C" fn release_trampoline(state: *mut c_void) {
 }
 
 unsafe extern "C" fn drop_trampoline(state: *mut c_void) {
-    let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(state as *mut NodeState))));
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        drop(Box::from_raw(state as *mut NodeState))
+    }));
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

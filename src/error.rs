@@ -23,7 +23,9 @@ pub enum VidError {
     #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),
     /// NVRTC failed to compile a kernel source; the compiler log is attached.
-    #[error("NVRTC failed to compile {source_name} for {arch}: {message}\n--- compiler log ---\n{log}")]
+    #[error(
+        "NVRTC failed to compile {source_name} for {arch}: {message}\n--- compiler log ---\n{log}"
+    )]
     Compile {
         /// Which kernel source.
         source_name: String,
@@ -54,7 +56,10 @@ pub enum VidError {
 
 impl VidError {
     pub(crate) fn invalid(arg: &'static str, message: impl Into<String>) -> Self {
-        VidError::InvalidArgument { arg, message: message.into() }
+        VidError::InvalidArgument {
+            arg,
+            message: message.into(),
+        }
     }
 }
 

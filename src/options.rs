@@ -29,7 +29,11 @@ pub struct VidOptions {
 impl Default for VidOptions {
     /// `eps = 1e-5`, `Reduction::Mean`, `full = false`.
     fn default() -> Self {
-        VidOptions { eps: 1e-5, reduction: Reduction::Mean, full: false }
+        VidOptions {
+            eps: 1e-5,
+            reduction: Reduction::Mean,
+            full: false,
+        }
     }
 }
 

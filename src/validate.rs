@@ -1,0 +1,247 @@
+//! Argument checking: turns the user's tensors into a [`VidProblem`] the backends can trust
+//! (same device, supported dtypes, a memory layout a kernel reads in place).
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, VidError};
+use crate::options::VidOptions;
+
+/// How `mean`/`target` lie in memory. Channel = dim 1 in either case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// `[N][C][S]`: NCHW-contiguous; each `(n, c)` row holds `S = prod(spatial)` elements.
+    ChannelsFirst,
+    /// `[N][S][C]`: channels-last (NHWC strides), and `[N, C]` (S = 1); each row holds `C` elements.
+    ChannelsLast,
+}
+
+/// The sizes of a problem, independent of the dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// `N`.
+    pub batch: usize,
+    /// `C`.
+    pub channels: usize,
+    /// `prod(S)`, 1 for `[N, C]` inputs.
+    pub inner: usize,
+    /// The memory layout of `mean`, `target` and of every per-element output.
+    pub layout: Layout,
+}
+
+impl Geometry {
+    /// `N * C * prod(S)`.
+    pub fn numel(&self) -> usize {
+        self.batch * self.channels * self.inner
+    }
+
+    /// `M = N * prod(S)`: elements per channel.
+    pub fn per_channel(&self) -> usize {
+        self.batch * self.inner
+    }
+}
+
+/// A checked VID problem: detached inputs in one layout, plus sizes and options.
+#[derive(Debug)]
+pub struct VidProblem {
+    /// The regressed mean, detached, in `geometry.layout`.
+    pub mean: Tensor,
+    /// The teacher features, detached, in `geometry.layout`.
+    pub target: Tensor,
+    /// `log_scale` (alpha), detached, rank 1, length C, contiguous.
+    pub log_scale: Tensor,
+    /// Sizes and layout.
+    pub geometry: Geometry,
+    /// The options, with eps checked.
+    pub options: VidOptions,
+}
+
+impl VidProblem {
+    /// dtype of `mean`/`target` (and of the loss).
+    pub fn kind(&self) -> Kind {
+        self.mean.kind()
+    }
+
+    /// The device all tensors live on.
+    pub fn device(&self) -> Device {
+        self.mean.device()
+    }
+
+    /// Brings a tensor of `mean`'s shape (an upstream gradient, say) into the problem's layout.
+    pub fn in_layout(&self, t: &Tensor) -> Tensor {
+        to_layout(t, self.geometry.layout)
+    }
+}
+
+const FLOAT_KINDS: [Kind; 4] = [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16];
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Checks every argument and normalises the layout. Never panics.
+pub fn validate(
+    mean: &Tensor,
+    target: &Tensor,
+    log_scale: &Tensor,
+    options: &VidOptions,
+) -> Result<VidProblem> {
+    if !(options.eps.is_finite() && options.eps > 0.0) {
+        return Err(VidError::invalid(
+            "eps",
+            format!("expected a finite value > 0, got {}", options.eps),
+        ));
+    }
+    for (name, t) in [("mean", mean), ("target", target), ("log_scale", log_scale)] {
+        if !t.defined() {
+            return Err(VidError::invalid(name, "tensor is undefined"));
+        }
+    }
+    let kind = mean.f_kind()?;
+    if !FLOAT_KINDS.contains(&kind) {
+        return Err(VidError::invalid(
+            "mean",
+            format!("expected dtype f32, f64, f16 or bf16, got {kind:?}"),
+        ));
+    }
+    let target_kind = target.f_kind()?;
+    if target_kind != kind {
+        return Err(VidError::invalid(
+            "target",
+            format!("expected the dtype of `mean` ({kind:?}), got {target_kind:?}"),
+        ));
+    }
+    let scale_kind = log_scale.f_kind()?;
+    if scale_kind != Kind::Float && scale_kind != kind {
+        return Err(VidError::invalid(
+            "log_scale",
+            format!("expected dtype f32 or the inputs' dtype ({kind:?}), got {scale_kind:?}"),
+        ));
+    }
+    let device = mean.device();
+    for (name, t) in [("target", target), ("log_scale", log_scale)] {
+        if t.device() != device {
+            return Err(VidError::invalid(
+                name,
+                format!(
+                    "expected the device of `mean` ({}), got {}",
+                    device_name(device),
+                    device_name(t.device())
+                ),
+            ));
+        }
+    }
+    let shape = mean.size();
+    if shape.len() < 2 {
+        return Err(VidError::invalid(
+            "mean",
+            format!("expected shape [N, C, *spatial] (rank >= 2), got {shape:?}"),
+        ));
+    }
+    if target.size() != shape {
+        return Err(VidError::invalid(
+            "target",
+            format!(
+                "expected the shape of `mean` {shape:?}, got {:?}",
+                target.size()
+            ),
+        ));
+    }
+    if shape.iter().any(|&d| d == 0) {
+        return Err(VidError::invalid(
+            "mean",
+            format!("expected a non-empty tensor, got shape {shape:?}"),
+        ));
+    }
+    let channels = shape[1];
+    let scale_shape = log_scale.size();
+    if scale_shape != [channels] {
+        return Err(VidError::invalid(
+            "log_scale",
+            format!("expected shape [{channels}] (one value per channel of `mean`), got {scale_shape:?}"),
+        ));
+    }
+
+    let inner: i64 = shape[2..].iter().product();
+    // Anything else is copied into the layout the kernels read best: rows of C when there
+    // is no spatial extent, NCHW otherwise.
+    let fallback = if inner == 1 {
+        Layout::ChannelsLast
+    } else {
+        Layout::ChannelsFirst
+    };
+    let layout = layout_of(mean).unwrap_or(fallback);
+    let geometry = Geometry {
+        batch: shape[0] as usize,
+        channels: channels as usize,
+        inner: inner as usize,
+        layout,
+    };
+    Ok(VidProblem {
+        mean: to_layout(&mean.detach(), layout),
+        target: to_layout(&target.detach(), layout),
+        log_scale: log_scale.detach().contiguous(),
+        geometry,
+        options: *options,
+    })
+}
+
+/// The layout a tensor already has, if it is dense in one the kernels read in place.
+fn layout_of(t: &Tensor) -> Option<Layout> {
+    let size = t.size();
+    let inner: i64 = size[2..].iter().product();
+    if inner == 1 {
+        // [N, C] (or all spatial dims 1): rows of C, whatever the memory format says.
+        return is_dense_in_order(t, &channels_last_order(size.len()))
+            .then_some(Layout::ChannelsLast);
+    }
+    if t.is_contiguous() {
+        return Some(Layout::ChannelsFirst);
+    }
+    is_dense_in_order(t, &channels_last_order(size.len())).then_some(Layout::ChannelsLast)
+}
+
+/// Dim order, outermost first, of channels-last memory: N, spatial..., C.
+fn channels_last_order(rank: usize) -> Vec<usize> {
+    let mut order = vec![0];
+    order.extend(2..rank);
+    order.push(1);
+    order
+}
+
+/// Whether `t` is densely packed with its dims nested in `order` (size-1 dims ignored).
+fn is_dense_in_order(t: &Tensor, order: &[usize]) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    let mut expected = 1i64;
+    for &d in order.iter().rev() {
+        if size[d] != 1 && stride[d] != expected {
+            return false;
+        }
+        expected *= size[d];
+    }
+    true
+}
+
+/// `t` in `layout`: a shallow alias when it already is, else a copy.
+fn to_layout(t: &Tensor, layout: Layout) -> Tensor {
+    if layout_of(t) == Some(layout) || (layout == Layout::ChannelsFirst && t.is_contiguous()) {
+        return t.shallow_clone();
+    }
+    match layout {
+        Layout::ChannelsFirst => t.contiguous(),
+        Layout::ChannelsLast => {
+            let order: Vec<i64> = channels_last_order(t.dim())
+                .iter()
+                .map(|&d| d as i64)
+                .collect();
+            let mut inverse = vec![0i64; order.len()];
+            for (position, &d) in order.iter().enumerate() {
+                inverse[d as usize] = position as i64;
+            }
+            t.permute(&order[..]).contiguous().permute(&inverse[..])
+        }
+    }
+}
