@@ -30,13 +30,15 @@
 mod autograd;
 mod backend;
 mod cpu;
-mod cuda;
+pub mod cuda;
 pub mod error;
 mod ffi;
 mod math;
 mod op;
 pub mod options;
 pub mod validate;
+
+use std::sync::Arc;
 
 use tch::Tensor;
 
@@ -81,4 +83,26 @@ pub fn vid_loss(mean: &Tensor, target: &Tensor, log_scale: &Tensor, opts: &VidOp
         Ok(loss) => loss,
         Err(e) => panic!("{e}"),
     }
+}
+
+/// [`f_vid_loss`] with the CUDA kernel plan run through `launcher` instead of the tensors'
+/// own backend: the same launches, grids, arguments and workspaces as on a GPU.
+///
+/// This exists so that the CUDA kernels can be tested without a GPU, through a host
+/// emulation of the kernel sources (the test suite does this); the tensors must live where
+/// the launcher's "device pointers" point (CPU tensors for a host emulation).
+pub fn f_vid_loss_with_launcher(
+    launcher: Arc<dyn cuda::KernelLauncher + Send + Sync>,
+    mean: &Tensor,
+    target: &Tensor,
+    log_scale: &Tensor,
+    opts: &VidOptions,
+) -> Result<Tensor, VidError> {
+    op::vid_loss_on(
+        Some(backend::Backend::Launcher(launcher)),
+        mean,
+        target,
+        log_scale,
+        opts,
+    )
 }

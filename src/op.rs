@@ -18,8 +18,22 @@ pub(crate) fn vid_loss(
     log_scale: &Tensor,
     opts: &VidOptions,
 ) -> Result<Tensor> {
+    vid_loss_on(None, mean, target, log_scale, opts)
+}
+
+/// The op on the tensors' own backend, or on `backend` when given.
+pub(crate) fn vid_loss_on(
+    backend: Option<Backend>,
+    mean: &Tensor,
+    target: &Tensor,
+    log_scale: &Tensor,
+    opts: &VidOptions,
+) -> Result<Tensor> {
     let problem = validate(mean, target, log_scale, opts)?;
-    let backend = Backend::for_device(problem.device())?;
+    let backend = match backend {
+        Some(backend) => backend,
+        None => Backend::for_device(problem.device())?,
+    };
     let forward = tch::no_grad(|| backend.forward(&problem))?;
     let loss = forward.loss;
     let channel_sumsq = forward.channel_sumsq;

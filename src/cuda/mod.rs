@@ -1,0 +1,56 @@
+//! The CUDA backend: NVRTC-compiled kernels (kernels/*.cu) launched on libtorch's memory and
+//! on PyTorch's current stream.
+//!
+//! Layers: [`plan`] decides launches for a problem and is generic over [`KernelLauncher`];
+//! `driver` implements that launcher with the CUDA driver; [`nvrtc`] compiles the sources;
+//! `probe` finds the libraries without panicking.
+
+mod driver;
+mod launcher;
+pub mod nvrtc;
+pub(crate) mod plan;
+mod probe;
+
+use tch::{Device, Tensor};
+
+pub use launcher::{KernelLauncher, LaunchConfig};
+
+use crate::backend::{ForwardOutput, Grads, NeedsGrad};
+use crate::error::{Result, VidError};
+use crate::validate::VidProblem;
+
+/// Compiles (or loads from the disk cache) and loads the kernels for a CUDA device now,
+/// rather than on the first call of the op: useful before capturing a CUDA graph, or to
+/// check that CUDA works.
+///
+/// ```
+/// // Without a GPU this is a clear error, never a panic.
+/// if let Err(e) = vidfuse::cuda::warm_up(tch::Device::Cuda(0)) {
+///     println!("no CUDA: {e}");
+/// }
+/// ```
+pub fn warm_up(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda(ordinal) => driver::device_kernels(ordinal).map(|_| ()),
+        other => Err(VidError::invalid(
+            "device",
+            format!("expected a CUDA device, got {other:?}"),
+        )),
+    }
+}
+
+pub(crate) fn forward(ordinal: usize, problem: &VidProblem) -> Result<ForwardOutput> {
+    let kernels = driver::device_kernels(ordinal)?;
+    plan::forward(&kernels.launcher()?, problem)
+}
+
+pub(crate) fn backward(
+    ordinal: usize,
+    problem: &VidProblem,
+    channel_sumsq: Option<&Tensor>,
+    grad: &Tensor,
+    needs: NeedsGrad,
+) -> Result<Grads> {
+    let kernels = driver::device_kernels(ordinal)?;
+    plan::backward(&kernels.launcher()?, problem, channel_sumsq, grad, needs)
+}

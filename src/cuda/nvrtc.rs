@@ -1,0 +1,176 @@
+//! Run-time compilation of the kernel sources with NVRTC, to a CUBIN for one exact
+//! architecture, with the compiler log (and ptxas' resource report) kept.
+
+use std::ffi::{c_char, CString};
+
+use cudarc::nvrtc::{result as nvrtc, sys};
+
+use super::probe;
+use crate::error::{Result, VidError};
+
+/// The shared helpers, inlined into the source handed to NVRTC.
+const COMMON_CUH: &str = include_str!("../../kernels/common.cuh");
+/// The VID kernels.
+const VID_CU: &str = include_str!("../../kernels/vid.cu");
+
+/// Name under which the program is compiled (shows in the log).
+pub const PROGRAM_NAME: &str = "vid.cu";
+
+/// The architectures the kernels are checked against (NVRTC 13's lowest is sm_75).
+pub const CHECKED_ARCHS: [&str; 4] = ["sm_75", "sm_80", "sm_89", "sm_90"];
+
+/// The kernel source as NVRTC sees it: vid.cu with common.cuh inlined (NVRTC is given no
+/// include path, so that nothing outside the crate is read).
+pub fn kernel_source() -> String {
+    VID_CU.replace("#include \"common.cuh\"", COMMON_CUH)
+}
+
+/// The options kernels are compiled with for `arch` (e.g. `sm_90`).
+pub fn compile_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".into(),
+        "--ptxas-options=-v".into(),
+        "-DNDEBUG".into(),
+    ]
+}
+
+/// A compiled CUBIN and what the compiler said.
+#[derive(Debug, Clone)]
+pub struct CompiledKernels {
+    /// The target, e.g. `sm_90`.
+    pub arch: String,
+    /// The CUBIN image, loadable with `cuModuleLoadData`.
+    pub cubin: Vec<u8>,
+    /// NVRTC's program log, including ptxas' per-kernel resource report.
+    pub log: String,
+}
+
+/// NVRTC's version, (major, minor).
+pub fn version() -> Result<(i32, i32)> {
+    probe::ensure_nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters; the library is loaded.
+    let status = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
+    if status != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(VidError::CudaUnavailable(format!(
+            "nvrtcVersion failed: {status:?}"
+        )));
+    }
+    Ok((major, minor))
+}
+
+/// Compiles the crate's kernels for `arch` (`sm_XX`). Needs libnvrtc but no GPU.
+pub fn compile(arch: &str) -> Result<CompiledKernels> {
+    compile_source(PROGRAM_NAME, &kernel_source(), arch)
+}
+
+/// Compiles any self-contained CUDA source with the crate's options (for experiments).
+pub fn compile_source(program_name: &str, source: &str, arch: &str) -> Result<CompiledKernels> {
+    probe::ensure_nvrtc()?;
+    let fail = |message: String, log: String| VidError::Compile {
+        source_name: program_name.into(),
+        arch: arch.into(),
+        message,
+        log,
+    };
+    let source = CString::new(source)
+        .map_err(|_| fail("source contains a NUL byte".into(), String::new()))?;
+    let name = CString::new(program_name)
+        .map_err(|_| fail("name contains a NUL byte".into(), String::new()))?;
+    let program = nvrtc::create_program(&source, Some(&name))
+        .map_err(|e| fail(format!("{e:?}"), String::new()))?;
+    let options = compile_options(arch);
+    // SAFETY: `program` is valid until destroyed below.
+    let compiled = unsafe { nvrtc::compile_program(program, &options) };
+    let log = unsafe { nvrtc::get_program_log(program) }
+        .map(|raw| c_chars_to_string(&raw))
+        .unwrap_or_default();
+    let result = match compiled {
+        Err(e) => Err(fail(format!("{e:?}"), log)),
+        Ok(()) => cubin(program)
+            .map(|cubin| CompiledKernels {
+                arch: arch.into(),
+                cubin,
+                log,
+            })
+            .map_err(|e| fail(e, String::new())),
+    };
+    // SAFETY: destroyed once.
+    let _ = unsafe { nvrtc::destroy_program(program) };
+    result
+}
+
+fn cubin(program: sys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {
+    let mut size = 0usize;
+    // SAFETY: valid program; the buffer has `size` bytes.
+    let status = unsafe { sys::nvrtcGetCUBINSize(program, &mut size) };
+    if status != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcGetCUBINSize: {status:?}"));
+    }
+    let mut image = vec![0u8; size];
+    let status = unsafe { sys::nvrtcGetCUBIN(program, image.as_mut_ptr() as *mut c_char) };
+    if status != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcGetCUBIN: {status:?}"));
+    }
+    Ok(image)
+}
+
+fn c_chars_to_string(raw: &[c_char]) -> String {
+    let bytes: Vec<u8> = raw
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// One kernel's resources, from ptxas' report in the NVRTC log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    /// The kernel's name.
+    pub name: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of static shared memory.
+    pub shared_bytes: u32,
+    /// Bytes of stack frame.
+    pub stack_bytes: u32,
+    /// Bytes of spill stores.
+    pub spill_stores: u32,
+    /// Bytes of spill loads.
+    pub spill_loads: u32,
+}
+
+/// Parses ptxas' `-v` report ("Compiling entry function 'k' ...", "N bytes stack frame, N bytes
+/// spill stores, N bytes spill loads", "Used N registers, ... N bytes smem ...").
+pub fn resource_report(log: &str) -> Vec<KernelResources> {
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            kernels.push(KernelResources {
+                name,
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(current) = kernels.last_mut() else {
+            continue;
+        };
+        let number_before = |unit: &str| -> Option<u32> {
+            let at = line.find(unit)?;
+            line[..at].split_whitespace().last()?.parse().ok()
+        };
+        if line.contains("stack frame") {
+            current.stack_bytes = number_before(" bytes stack frame").unwrap_or(0);
+            current.spill_stores = number_before(" bytes spill stores").unwrap_or(0);
+            current.spill_loads = number_before(" bytes spill loads").unwrap_or(0);
+        }
+        if line.contains("Used") && line.contains("registers") {
+            current.registers = number_before(" registers").unwrap_or(0);
+            current.shared_bytes = number_before(" bytes smem").unwrap_or(0);
+        }
+    }
+    kernels
+}
