@@ -1,0 +1,329 @@
+// simt_emu.h: host emulation of the CUDA SIMT surface that vidfuse's kernels use.
+//
+// build.rs includes this header, then every kernels/*.cu file unchanged (the same bytes
+// NVRTC compiles), into one C++17 translation unit. The threads of a block run as
+// cooperative fibers on the launching OS thread and switch only inside barriers and warp
+// primitives; blocks run one after another. The scheduler lives in csrc/emu_launch.cpp.
+#ifndef VF_SIMT_EMU_H
+#define VF_SIMT_EMU_H
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdio>
+#include <cstring>
+#include <math.h>  // float overloads such as exp(float) in the global namespace, as in CUDA
+#include <type_traits>
+#include <utility>
+
+#define VF_EMULATION 1
+
+// ---------------------------------------------------------------------------------------
+// Qualifiers. Defined after the standard headers: libstdc++ itself spells
+// __attribute__((__noinline__)).
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__
+#define __noinline__
+#define __constant__
+#define __restrict__
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Static shared memory: every fiber of a block runs on the launching OS thread, so one
+// copy per OS thread is one copy per block (blocks of a launch run in turn). At block
+// scope thread_local implies static.
+#define __shared__ thread_local
+
+// ---------------------------------------------------------------------------------------
+// Vector types, with CUDA's sizes and alignments.
+#define VF_EMU_VEC2(T, name, align)                                                      \
+  struct alignas(align) name {                                                           \
+    T x, y;                                                                              \
+  };                                                                                     \
+  inline name make_##name(T x, T y) { return name{x, y}; }
+#define VF_EMU_VEC3(T, name)                                                             \
+  struct name {                                                                          \
+    T x, y, z;                                                                           \
+  };                                                                                     \
+  inline name make_##name(T x, T y, T z) { return name{x, y, z}; }
+#define VF_EMU_VEC4(T, name, align)                                                      \
+  struct alignas(align) name {                                                           \
+    T x, y, z, w;                                                                        \
+  };                                                                                     \
+  inline name make_##name(T x, T y, T z, T w) { return name{x, y, z, w}; }
+
+VF_EMU_VEC2(float, float2, 8)
+VF_EMU_VEC3(float, float3)
+VF_EMU_VEC4(float, float4, 16)
+VF_EMU_VEC2(double, double2, 16)
+VF_EMU_VEC2(int, int2, 8)
+VF_EMU_VEC3(int, int3)
+VF_EMU_VEC4(int, int4, 16)
+VF_EMU_VEC2(unsigned int, uint2, 8)
+VF_EMU_VEC3(unsigned int, uint3)
+VF_EMU_VEC4(unsigned int, uint4, 16)
+VF_EMU_VEC2(unsigned short, ushort2, 4)
+VF_EMU_VEC4(unsigned short, ushort4, 8)
+VF_EMU_VEC2(long long, longlong2, 16)
+VF_EMU_VEC2(unsigned long long, ulonglong2, 16)
+#undef VF_EMU_VEC2
+#undef VF_EMU_VEC3
+#undef VF_EMU_VEC4
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
+      : x(x_), y(y_), z(z_) {}
+  constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+};
+
+static constexpr int warpSize = 32;
+
+// ---------------------------------------------------------------------------------------
+// Engine interface (implemented in csrc/emu_launch.cpp).
+namespace vf_emu {
+namespace detail {
+
+// What the running fiber sees as its built-in variables; the scheduler rewrites
+// thread_idx at every switch.
+struct Current {
+  uint3 thread_idx{0, 0, 0};
+  uint3 block_idx{0, 0, 0};
+  dim3 block_dim;
+  dim3 grid_dim;
+  void *dynamic_smem = nullptr;
+};
+inline thread_local Current current;
+
+inline const uint3 &thread_idx() { return current.thread_idx; }
+inline const uint3 &block_idx() { return current.block_idx; }
+inline const dim3 &block_dim() { return current.block_dim; }
+inline const dim3 &grid_dim() { return current.grid_dim; }
+
+enum class WarpOp : unsigned char { Sync, Idx, Up, Down, Xor, Ballot, All, Any };
+
+// Blocks the calling fiber until every thread of the block reaches the same barrier.
+void sync_block(const char *file, int line);
+// Blocks until every running lane of `mask` calls the same warp op with the same mask;
+// returns this lane's result. Values travel as raw bits.
+unsigned long long warp_op(WarpOp op, unsigned mask, unsigned long long value, int arg,
+                           int width, const char *file, int line);
+
+using KernelFn = void (*)(void **params);
+bool register_kernel(const char *name, KernelFn fn, unsigned param_count);
+
+template <class... A>
+constexpr unsigned param_count(void (*)(A...)) {
+  return sizeof...(A);
+}
+
+template <class... A, std::size_t... I>
+inline void invoke_unpacked(void (*fn)(A...), void **params, std::index_sequence<I...>) {
+  (void)params;  // unused by kernels without parameters
+  fn(*static_cast<A *>(params[I])...);
+}
+
+// cuLaunchKernel convention: params[i] points at the value of the i-th argument.
+template <auto Fn>
+void trampoline(void **params) {
+  invoke_unpacked(Fn, params, std::make_index_sequence<param_count(Fn)>{});
+}
+
+template <class T>
+inline unsigned long long to_bits(T v) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "warp shuffles move values of at most 8 bytes");
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  return bits;
+}
+
+template <class To, class From>
+inline To bit_cast(From v) {
+  static_assert(sizeof(To) <= sizeof(From), "bit_cast narrows or keeps the size");
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+template <class T>
+inline T shuffle(WarpOp op, unsigned mask, T var, int arg, int width, const char *file,
+                 int line) {
+  return bit_cast<T>(warp_op(op, mask, to_bits(var), arg, width, file, line));
+}
+
+}  // namespace detail
+}  // namespace vf_emu
+
+#define threadIdx (::vf_emu::detail::thread_idx())
+#define blockIdx (::vf_emu::detail::block_idx())
+#define blockDim (::vf_emu::detail::block_dim())
+#define gridDim (::vf_emu::detail::grid_dim())
+
+#define VF_REGISTER_KERNEL(name)                                                         \
+  [[maybe_unused]] static const bool vf_emu_registered_##name =                          \
+      ::vf_emu::detail::register_kernel(#name, &::vf_emu::detail::trampoline<&name>,     \
+                                        ::vf_emu::detail::param_count(&name));
+
+// Must be used inside the kernel body. The scheduler poisons the buffer with 0xFF bytes
+// before each block.
+#define VF_DYNAMIC_SHARED(type, name)                                                    \
+  type *const name = static_cast<type *>(::vf_emu::detail::current.dynamic_smem)
+
+// ---------------------------------------------------------------------------------------
+// Synchronisation. The defaulted site arguments name the barrier in deadlock reports.
+#define VF_EMU_SITE const char *vf_file = __builtin_FILE(), int vf_line = __builtin_LINE()
+
+inline void __syncthreads(VF_EMU_SITE) { ::vf_emu::detail::sync_block(vf_file, vf_line); }
+
+inline void __syncwarp(unsigned mask = 0xffffffffu, VF_EMU_SITE) {
+  ::vf_emu::detail::warp_op(::vf_emu::detail::WarpOp::Sync, mask, 0, 0, warpSize, vf_file,
+                            vf_line);
+}
+
+template <class T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, VF_EMU_SITE) {
+  return ::vf_emu::detail::shuffle(::vf_emu::detail::WarpOp::Idx, mask, var, src_lane, width,
+                                   vf_file, vf_line);
+}
+
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                        VF_EMU_SITE) {
+  return ::vf_emu::detail::shuffle(::vf_emu::detail::WarpOp::Up, mask, var,
+                                   static_cast<int>(delta), width, vf_file, vf_line);
+}
+
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
+                          VF_EMU_SITE) {
+  return ::vf_emu::detail::shuffle(::vf_emu::detail::WarpOp::Down, mask, var,
+                                   static_cast<int>(delta), width, vf_file, vf_line);
+}
+
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
+                         VF_EMU_SITE) {
+  return ::vf_emu::detail::shuffle(::vf_emu::detail::WarpOp::Xor, mask, var, lane_mask, width,
+                                   vf_file, vf_line);
+}
+
+inline unsigned __ballot_sync(unsigned mask, int pred, VF_EMU_SITE) {
+  return static_cast<unsigned>(::vf_emu::detail::warp_op(
+      ::vf_emu::detail::WarpOp::Ballot, mask, pred != 0, 0, warpSize, vf_file, vf_line));
+}
+
+inline int __all_sync(unsigned mask, int pred, VF_EMU_SITE) {
+  return static_cast<int>(::vf_emu::detail::warp_op(::vf_emu::detail::WarpOp::All, mask,
+                                                    pred != 0, 0, warpSize, vf_file, vf_line));
+}
+
+inline int __any_sync(unsigned mask, int pred, VF_EMU_SITE) {
+  return static_cast<int>(::vf_emu::detail::warp_op(::vf_emu::detail::WarpOp::Any, mask,
+                                                    pred != 0, 0, warpSize, vf_file, vf_line));
+}
+#undef VF_EMU_SITE
+
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_signal_fence(std::memory_order_seq_cst); }
+
+// Atomics: fibers never switch inside these and blocks run in turn, so a plain
+// read-modify-write is already atomic with respect to every other emulated thread.
+namespace vf_emu {
+namespace detail {
+template <class T>
+struct same {
+  using type = T;
+};
+}  // namespace detail
+}  // namespace vf_emu
+#define VF_EMU_ATOMIC(name, update)                                                      \
+  template <class T>                                                                     \
+  inline T name(T *p, typename ::vf_emu::detail::same<T>::type v) {                      \
+    const T old = *p;                                                                    \
+    *p = (update);                                                                       \
+    return old;                                                                          \
+  }
+VF_EMU_ATOMIC(atomicAdd, old + v)
+VF_EMU_ATOMIC(atomicSub, old - v)
+VF_EMU_ATOMIC(atomicExch, v)
+VF_EMU_ATOMIC(atomicMax, v > old ? v : old)
+VF_EMU_ATOMIC(atomicMin, v < old ? v : old)
+VF_EMU_ATOMIC(atomicOr, old | v)
+VF_EMU_ATOMIC(atomicAnd, old & v)
+#undef VF_EMU_ATOMIC
+
+template <class T>
+inline T atomicCAS(T *p, typename ::vf_emu::detail::same<T>::type compare,
+                   typename ::vf_emu::detail::same<T>::type v) {
+  const T old = *p;
+  if (old == compare) *p = v;
+  return old;
+}
+
+// ---------------------------------------------------------------------------------------
+// Math. The <cmath> functions (expf, logf, log1pf, ..., and their double versions) come
+// from the standard library; these are the CUDA-only names.
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+// glibc declares (but does not export) __expf and __logf, so rename ours.
+inline float vf_emu_expf(float x) { return std::exp(x); }
+inline float vf_emu_logf(float x) { return std::log(x); }
+#define __expf vf_emu_expf
+#define __logf vf_emu_logf
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+
+// min/max over mixed arithmetic types convert both sides as CUDA's overloads do
+// (min(int, unsigned) is unsigned); floating point follows fminf/fmaxf for NaNs.
+#define VF_EMU_MINMAX(name, cmp, fname)                                                  \
+  template <class A, class B,                                                            \
+            class = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>> \
+  inline std::common_type_t<A, B> name(A a, B b) {                                       \
+    using C = std::common_type_t<A, B>;                                                  \
+    if constexpr (std::is_floating_point_v<C>) {                                         \
+      return std::fname(static_cast<C>(a), static_cast<C>(b));                           \
+    } else {                                                                             \
+      return static_cast<C>(b) cmp static_cast<C>(a) ? static_cast<C>(b)                 \
+                                                     : static_cast<C>(a);                \
+    }                                                                                    \
+  }
+VF_EMU_MINMAX(min, <, fmin)
+VF_EMU_MINMAX(max, >, fmax)
+#undef VF_EMU_MINMAX
+
+// ---------------------------------------------------------------------------------------
+// Bit casts and integer intrinsics.
+inline int __float_as_int(float x) { return ::vf_emu::detail::bit_cast<int>(x); }
+inline float __int_as_float(int x) { return ::vf_emu::detail::bit_cast<float>(x); }
+inline unsigned __float_as_uint(float x) { return ::vf_emu::detail::bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned x) { return ::vf_emu::detail::bit_cast<float>(x); }
+inline long long __double_as_longlong(double x) {
+  return ::vf_emu::detail::bit_cast<long long>(x);
+}
+inline double __longlong_as_double(long long x) {
+  return ::vf_emu::detail::bit_cast<double>(x);
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __clzll(long long x) {
+  return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x));
+}
+
+template <class T>
+inline T __ldg(const T *p) {
+  return *p;
+}
+
+#endif  // VF_SIMT_EMU_H
