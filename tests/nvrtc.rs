@@ -2,26 +2,10 @@
 //! libnvrtc (no GPU needed); ptxas' resource report is printed and held: no spills, no stack.
 //! `cargo test nvrtc` selects these.
 
-use vidfuse::cuda::nvrtc::{self, CHECKED_ARCHS};
+mod common;
 
-/// The kernels the launch plan may ask for (src/cuda/plan.rs names them the same way).
-fn expected_kernels() -> Vec<String> {
-    let mut names = Vec::new();
-    for dtype in ["f32", "f64", "f16", "bf16"] {
-        for op in ["sumsq", "loss", "grad", "grad_none"] {
-            for traversal in ["warp", "tile"] {
-                names.push(format!("vid_{op}_{traversal}_{dtype}"));
-            }
-        }
-        names.push(format!("vid_loss_epilogue_{dtype}"));
-    }
-    for acc in ["f32", "f64"] {
-        names.push(format!("vid_channel_sum_{acc}"));
-        names.push(format!("vid_log_scale_grad_{acc}"));
-    }
-    names.sort();
-    names
-}
+use common::expected_kernels;
+use vidfuse::cuda::nvrtc::{self, CHECKED_ARCHS};
 
 #[test]
 fn nvrtc_compiles_every_kernel_for_every_checked_arch() {

@@ -331,12 +331,29 @@ pub fn check_op(
     opts: &VidOptions,
     upstream: &Tensor,
 ) -> Checked {
+    check_op_with(&f_vid_loss, what, mean, target, log_scale, opts, upstream)
+}
+
+/// The op under test: `f_vid_loss`, or the same op run through another launcher.
+pub type LossFn =
+    dyn Fn(&Tensor, &Tensor, &Tensor, &VidOptions) -> Result<Tensor, vidfuse::VidError>;
+
+/// [`check_op`] for any implementation of the op.
+pub fn check_op_with(
+    op: &LossFn,
+    what: &str,
+    mean: &Tensor,
+    target: &Tensor,
+    log_scale: &Tensor,
+    opts: &VidOptions,
+    upstream: &Tensor,
+) -> Checked {
     let kind = mean.kind();
     let (st, cp) = (storage(kind), compute(kind));
     let ls = storage(log_scale.kind());
 
-    let loss = f_vid_loss(mean, target, log_scale, opts)
-        .unwrap_or_else(|e| panic!("{what}: f_vid_loss failed: {e}"));
+    let loss =
+        op(mean, target, log_scale, opts).unwrap_or_else(|e| panic!("{what}: the op failed: {e}"));
     assert_eq!(loss.kind(), kind, "{what}: loss dtype");
     let expected_shape = match opts.reduction_mode() {
         Reduction::None => mean.size(),
@@ -405,4 +422,23 @@ pub fn leaf_inputs(
     let log_scale = random_log_scale(shape[1], scale_kind).set_requires_grad(true);
     let upstream = random_upstream(shape, kind, opts);
     (mean, target, log_scale, upstream)
+}
+
+/// The kernels the CUDA launch plan may ask for (src/cuda/plan.rs builds the same names).
+pub fn expected_kernels() -> Vec<String> {
+    let mut names = Vec::new();
+    for dtype in ["f32", "f64", "f16", "bf16"] {
+        for op in ["sumsq", "loss", "grad", "grad_none"] {
+            for traversal in ["warp", "tile"] {
+                names.push(format!("vid_{op}_{traversal}_{dtype}"));
+            }
+        }
+        names.push(format!("vid_loss_epilogue_{dtype}"));
+    }
+    for acc in ["f32", "f64"] {
+        names.push(format!("vid_channel_sum_{acc}"));
+        names.push(format!("vid_log_scale_grad_{acc}"));
+    }
+    names.sort();
+    names
 }

@@ -1,0 +1,258 @@
+//! The CUDA kernels, run on the CPU: the exact kernels/*.cu sources compiled for the host
+//! with a SIMT emulation (emu/), driven by the crate's own launch plan through
+//! `f_vid_loss_with_launcher`, so grids, argument structs and workspaces are checked too.
+//! Values and gradients are compared with the f64 reference. `cargo test emu` selects these.
+
+mod common;
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use tch::{Kind, Tensor};
+use vidfuse::cuda::{KernelLauncher, LaunchConfig};
+use vidfuse::{f_vid_loss_with_launcher, Reduction, VidError, VidOptions};
+
+/// Runs launches on the host emulation and records the kernels' names.
+#[derive(Default)]
+struct EmuLauncher {
+    launched: Mutex<Vec<String>>,
+}
+
+impl KernelLauncher for EmuLauncher {
+    fn launch(
+        &self,
+        kernel: &str,
+        config: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<(), VidError> {
+        self.launched.lock().unwrap().push(kernel.to_string());
+        vidfuse_emu::launch(
+            kernel,
+            config.grid,
+            config.block,
+            config.shared_mem_bytes,
+            params,
+        )
+        .map_err(|message| VidError::Launch {
+            kernel: kernel.into(),
+            message,
+        })
+    }
+
+    /// Few multiprocessors: keeps grids small, and makes the plan split rows into many blocks.
+    fn multiprocessors(&self) -> usize {
+        2
+    }
+}
+
+impl EmuLauncher {
+    fn take_launched(&self) -> Vec<String> {
+        std::mem::take(&mut self.launched.lock().unwrap())
+    }
+}
+
+/// The op through a given emulated launcher.
+fn emulated(
+    launcher: &Arc<EmuLauncher>,
+) -> impl Fn(&Tensor, &Tensor, &Tensor, &VidOptions) -> Result<Tensor, VidError> {
+    let launcher = launcher.clone();
+    move |m, t, a, o| f_vid_loss_with_launcher(launcher.clone(), m, t, a, o)
+}
+
+const KINDS: [Kind; 4] = [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16];
+
+/// Checks one shape in every dtype, both layouts and all option combinations.
+fn check_shape(launcher: &Arc<EmuLauncher>, shape: &[i64], mems: &[Mem]) {
+    let op = emulated(launcher);
+    for (i, &kind) in KINDS.iter().enumerate() {
+        // Alternate log_scale between f32 and the inputs' dtype.
+        let scale_kind = if i % 2 == 0 { Kind::Float } else { kind };
+        for &mem in mems {
+            for opts in all_options() {
+                // A sum of this many O(1) terms exceeds f16's range (65504): inf is then the
+                // correctly rounded answer, but not comparable with the reference.
+                let numel: i64 = shape.iter().product();
+                if kind == Kind::Half && opts.reduction_mode() == Reduction::Sum && numel > 8192 {
+                    continue;
+                }
+                let (m, t, a, up) = leaf_inputs(shape, kind, scale_kind, mem, &opts);
+                let what = format!("emu {shape:?} {kind:?} {mem:?} {opts:?}");
+                check_op_with(&op, &what, &m, &t, &a, &opts, &up);
+            }
+        }
+    }
+}
+
+#[test]
+fn emu_registers_every_kernel_the_plan_uses() {
+    let registered = vidfuse_emu::kernel_names();
+    for name in expected_kernels() {
+        assert!(
+            registered.contains(&name),
+            "{name} is not compiled into the emulation"
+        );
+    }
+}
+
+#[test]
+fn emu_small_shapes_all_dtypes_layouts_reductions() {
+    let launcher = Arc::new(EmuLauncher::default());
+    // Odd sizes, C = 1, [N, C], 3-D and 5-D; none a multiple of the block or pack width.
+    for shape in [
+        vec![3i64, 5, 7, 9],
+        vec![2, 1, 5, 3],
+        vec![7, 3],
+        vec![5, 6, 11],
+        vec![2, 3, 2, 3, 5],
+    ] {
+        check_shape(&launcher, &shape, &[Mem::Contiguous, Mem::ChannelsLast]);
+    }
+}
+
+#[test]
+fn emu_warp_traversal_with_several_segments() {
+    // NCHW rows of S >= 512 take the warp traversal; S = 4500 > 4096 gives two segments per
+    // row, and 4500 is a multiple of the f32 pack (4) but not of the f16/bf16 pack (8).
+    let launcher = Arc::new(EmuLauncher::default());
+    check_shape(&launcher, &[2, 3, 4500], &[Mem::Contiguous]);
+    let launched = launcher.take_launched();
+    for kernel in [
+        "vid_sumsq_warp_f32",
+        "vid_grad_warp_bf16",
+        "vid_grad_none_warp_f16",
+        "vid_loss_warp_f64",
+    ] {
+        assert!(
+            launched.iter().any(|k| k == kernel),
+            "{kernel} was not used: {launched:?}"
+        );
+    }
+}
+
+#[test]
+fn emu_tile_traversal_wide_and_short_rows() {
+    let launcher = Arc::new(EmuLauncher::default());
+    // Channels-last with C = 1100: more than one tile of 256 packs (several blocks in y).
+    check_shape(&launcher, &[3, 1100, 2, 1], &[Mem::ChannelsLast]);
+    // NCHW with short rows (S = 20) and many channels: the [N][C*S] tile view, channel = col / S.
+    check_shape(&launcher, &[4, 70, 4, 5], &[Mem::Contiguous]);
+    // Enough rows for several row chunks per tile.
+    check_shape(&launcher, &[40, 3, 7, 9], &[Mem::ChannelsLast]);
+    let launched = launcher.take_launched();
+    assert!(
+        launched.iter().all(|k| !k.contains("_warp_")),
+        "warp traversal used for short rows"
+    );
+}
+
+#[test]
+fn emu_misaligned_views_take_the_scalar_path() {
+    // A view starting one element into its storage is not 16-byte aligned: the plan must fall
+    // back to element accesses and still be exact.
+    let launcher = Arc::new(EmuLauncher::default());
+    let op = emulated(&launcher);
+    for kind in KINDS {
+        for shape in [vec![2i64, 3, 600], vec![5, 12]] {
+            let numel: i64 = shape.iter().product();
+            let offset_view = |t: Tensor| t.narrow(0, 1, numel).view(&shape[..]);
+            for opts in all_options() {
+                let m = offset_view(random(&[numel + 1], kind, Mem::Contiguous))
+                    .set_requires_grad(true);
+                let t = offset_view(random(&[numel + 1], kind, Mem::Contiguous));
+                let a = random_log_scale(shape[1], Kind::Float).set_requires_grad(true);
+                let up = random_upstream(&shape, kind, &opts);
+                let what = format!("emu misaligned {shape:?} {kind:?} {opts:?}");
+                check_op_with(&op, &what, &m, &t, &a, &opts, &up);
+            }
+        }
+    }
+}
+
+#[test]
+fn emu_extreme_log_scale_is_finite_and_exact() {
+    let launcher = Arc::new(EmuLauncher::default());
+    let op = emulated(&launcher);
+    for opts in all_options() {
+        let (m, t, _, up) = leaf_inputs(
+            &[2, 4, 3, 5],
+            Kind::Float,
+            Kind::Float,
+            Mem::Contiguous,
+            &opts,
+        );
+        let a = Tensor::from_slice(&[80.0f32, -80.0, 1000.0, -30.0]).set_requires_grad(true);
+        let checked = check_op_with(
+            &op,
+            &format!("emu extreme {opts:?}"),
+            &m,
+            &t,
+            &a,
+            &opts,
+            &up,
+        );
+        for g in checked.grads.iter().flatten() {
+            assert!(
+                g.isfinite().all().int64_value(&[]) == 1,
+                "non-finite gradient"
+            );
+        }
+    }
+}
+
+#[test]
+fn emu_results_are_bitwise_deterministic() {
+    let launcher = Arc::new(EmuLauncher::default());
+    let op = emulated(&launcher);
+    for (shape, mem) in [
+        (vec![3i64, 4, 700], Mem::Contiguous),
+        (vec![6, 300, 3, 3], Mem::ChannelsLast),
+    ] {
+        let opts = VidOptions::default().reduction(Reduction::Sum);
+        let (m, t, a, _) = leaf_inputs(&shape, Kind::Float, Kind::Float, mem, &opts);
+        let run = || {
+            let loss = op(&m, &t, &a, &opts).unwrap();
+            let g = Tensor::run_backward(&[&loss], &[&m, &a], false, false);
+            (loss, g)
+        };
+        let (l1, g1) = run();
+        let (l2, g2) = run();
+        assert!(l1.equal(&l2), "loss differs between runs");
+        for (x, y) in g1.iter().zip(&g2) {
+            assert!(x.equal(y), "gradient differs between runs");
+        }
+    }
+}
+
+#[test]
+fn emu_launch_failure_is_an_error_not_a_panic() {
+    // A launcher whose kernels all fail: the op must return the launch error.
+    struct Failing;
+    impl KernelLauncher for Failing {
+        fn launch(
+            &self,
+            kernel: &str,
+            _: LaunchConfig,
+            _: &mut [*mut c_void],
+        ) -> Result<(), VidError> {
+            Err(VidError::Launch {
+                kernel: kernel.into(),
+                message: "device lost".into(),
+            })
+        }
+        fn multiprocessors(&self) -> usize {
+            1
+        }
+    }
+    let m = Tensor::randn([2, 3, 4], cpu(Kind::Float));
+    let a = Tensor::randn([3], cpu(Kind::Float));
+    let err = f_vid_loss_with_launcher(
+        Arc::new(Failing),
+        &m,
+        &m.randn_like(),
+        &a,
+        &VidOptions::default(),
+    )
+    .expect_err("a failing launch must be an error");
+    assert!(err.to_string().contains("device lost"), "{err}");
+}
