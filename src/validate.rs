@@ -150,7 +150,7 @@ pub fn validate(
             ),
         ));
     }
-    if shape.iter().any(|&d| d == 0) {
+    if shape.contains(&0) {
         return Err(VidError::invalid(
             "mean",
             format!("expected a non-empty tensor, got shape {shape:?}"),

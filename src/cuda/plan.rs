@@ -303,31 +303,29 @@ impl<'a, L: KernelLauncher + ?Sized> Launch<'a, L> {
         )
     }
 
-    /// Launches op `op` over the problem; returns the partial sums tensor when `sums > 0`.
-    fn traverse(
-        &self,
-        op: &str,
-        traversal: &Traversal,
-        mut args: TraverseArgs,
-        sums: usize,
-    ) -> Result<Option<Tensor>> {
+    /// Launches op `op` over the problem (elementwise ops: no partial sums).
+    fn traverse(&self, op: &str, traversal: &Traversal, mut args: TraverseArgs) -> Result<()> {
         let p = self.problem;
         args.mean = ptr(&p.mean);
         args.target = ptr(&p.target);
         args.log_scale = ptr(&self.log_scale);
         args.eps = p.options.eps_value();
-        let partial = if sums > 0 {
-            let t = self.empty(
-                &[(traversal.slots(self.geometry().channels) * sums) as i64],
-                self.acc,
-            )?;
-            args.partial = ptr(&t);
-            Some(t)
-        } else {
-            None
-        };
         let kernel = format!("vid_{op}_{}_{}", traversal.name, self.dtype);
-        launch_with(self.launcher, &kernel, traversal.config, &mut args)?;
+        launch_with(self.launcher, &kernel, traversal.config, &mut args)
+    }
+
+    /// Launches a reducing op; returns its partial sums (`sums` per slot).
+    fn traverse_reducing(
+        &self,
+        op: &str,
+        traversal: &Traversal,
+        mut args: TraverseArgs,
+        sums: usize,
+    ) -> Result<Tensor> {
+        let slots = traversal.slots(self.geometry().channels) * sums;
+        let partial = self.empty(&[slots as i64], self.acc)?;
+        args.partial = ptr(&partial);
+        self.traverse(op, traversal, args)?;
         Ok(partial)
     }
 
@@ -424,16 +422,14 @@ pub(crate) fn forward<L: KernelLauncher + ?Sized>(
         let mut args = traversal.args(&geometry);
         args.out = ptr(&loss);
         args.constant = launch.constant();
-        launch.traverse("loss", &traversal, args, 0)?;
+        launch.traverse("loss", &traversal, args)?;
         return Ok(ForwardOutput {
             loss,
             channel_sumsq: None,
         });
     }
     let traversal = launch.traversal(&[])?;
-    let partial = launch
-        .traverse("sumsq", &traversal, traversal.args(&geometry), 1)?
-        .expect("partials");
+    let partial = launch.traverse_reducing("sumsq", &traversal, traversal.args(&geometry), 1)?;
     let q = launch.channel_sums(&traversal, &partial, 1)?;
     let loss = launch.empty(&[], problem.kind())?;
     let n = geometry.numel() as f64;
@@ -495,9 +491,7 @@ pub(crate) fn backward<L: KernelLauncher + ?Sized>(
         args.upstream = ptr(&upstream);
         args.out = optional_ptr(grad_mean.as_ref());
         args.out_negated = optional_ptr(grad_target.as_ref());
-        let partial = launch
-            .traverse("grad_none", &traversal, args, 2)?
-            .expect("partials");
+        let partial = launch.traverse_reducing("grad_none", &traversal, args, 2)?;
         if needs.log_scale {
             let sums = launch.channel_sums(&traversal, &partial, 2)?;
             grads.log_scale = Some(launch.log_scale_grad(&sums, 2, None, 1.0)?);
@@ -514,7 +508,7 @@ pub(crate) fn backward<L: KernelLauncher + ?Sized>(
             args.out = optional_ptr(grad_mean.as_ref());
             args.out_negated = optional_ptr(grad_target.as_ref());
             args.scale = k;
-            launch.traverse("grad", &traversal, args, 0)?;
+            launch.traverse("grad", &traversal, args)?;
         }
         if needs.log_scale {
             grads.log_scale = Some(launch.log_scale_grad(q, 1, Some(&upstream), k)?);
