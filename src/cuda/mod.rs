@@ -1,7 +1,7 @@
 //! The CUDA backend: NVRTC-compiled kernels (kernels/*.cu) launched on libtorch's memory and
 //! on PyTorch's current stream.
 //!
-//! Layers: [`plan`] decides launches for a problem and is generic over [`KernelLauncher`];
+//! Layers: `plan` decides launches for a problem and is generic over [`KernelLauncher`];
 //! `driver` implements that launcher with the CUDA driver; [`nvrtc`] compiles the sources;
 //! `probe` finds the libraries without panicking.
 
