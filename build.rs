@@ -17,8 +17,17 @@ fn main() {
     ));
     let include = lib_dir.join("..").join("include");
 
-    cc::Build::new()
-        .cpp(true)
+    let mut shim = cc::Build::new();
+    // With CUDA headers (the nvidia wheels next to torch; crt/ comes from nvidia-cuda-crt)
+    // and libtorch_cuda, the shim also wraps PyTorch's CUDA streams and graphs.
+    let cuda_include = lib_dir.join("../../nvidia/cu13/include");
+    let torch_cuda = lib_dir.join("libtorch_cuda.so").exists();
+    let cuda_headers = ["cuda_runtime_api.h", "crt/host_config.h"];
+    if torch_cuda && cuda_headers.iter().all(|h| cuda_include.join(h).exists()) {
+        shim.include(&cuda_include)
+            .define("VIDFUSE_WITH_TORCH_CUDA", None);
+    }
+    shim.cpp(true)
         .file("csrc/vidfuse_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
@@ -41,7 +50,7 @@ fn main() {
     }
     // Keep libtorch_cuda linked although no symbol of it is referenced: its static
     // initialisers register the CUDA backend (otherwise tch reports no CUDA).
-    if lib_dir.join("libtorch_cuda.so").exists() {
+    if torch_cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
     }
     println!(

@@ -8,6 +8,12 @@
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#ifdef VIDFUSE_WITH_TORCH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -137,6 +143,74 @@ char *vf_current_cuda_stream(int32_t device_index, void **stream) {
         *stream = impl->getStream(device).native_handle();
     });
 }
+
+#ifdef VIDFUSE_WITH_TORCH_CUDA
+
+char *vf_cuda_stream_push(int32_t device_index, void **previous) {
+    *previous = nullptr;
+    return guarded([&] {
+        const auto index = static_cast<c10::DeviceIndex>(device_index);
+        auto *saved = new c10::cuda::CUDAStream(c10::cuda::getCurrentCUDAStream(index));
+        c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+        *previous = saved;
+    });
+}
+
+char *vf_cuda_stream_pop(void *previous) {
+    return guarded([&] {
+        std::unique_ptr<c10::cuda::CUDAStream> saved(static_cast<c10::cuda::CUDAStream *>(previous));
+        c10::cuda::setCurrentCUDAStream(*saved);
+    });
+}
+
+char *vf_cuda_synchronize(int32_t device_index) {
+    return guarded([&] { c10::cuda::device_synchronize(); (void)device_index; });
+}
+
+char *vf_cuda_graph_new(void **graph) {
+    *graph = nullptr;
+    return guarded([&] { *graph = new at::cuda::CUDAGraph(); });
+}
+
+char *vf_cuda_graph_capture_begin(void *graph) {
+    return guarded([&] { static_cast<at::cuda::CUDAGraph *>(graph)->capture_begin(); });
+}
+
+char *vf_cuda_graph_capture_end(void *graph) {
+    return guarded([&] { static_cast<at::cuda::CUDAGraph *>(graph)->capture_end(); });
+}
+
+char *vf_cuda_graph_replay(void *graph) {
+    return guarded([&] { static_cast<at::cuda::CUDAGraph *>(graph)->replay(); });
+}
+
+void vf_cuda_graph_free(void *graph) {
+    try {
+        delete static_cast<at::cuda::CUDAGraph *>(graph);
+    } catch (...) {
+    }
+}
+
+#else // libtorch without CUDA
+
+static const char kNoTorchCuda[] = "vidfuse was built against a libtorch without CUDA";
+
+char *vf_cuda_stream_push(int32_t, void **previous) {
+    *previous = nullptr;
+    return copy_message(kNoTorchCuda);
+}
+char *vf_cuda_stream_pop(void *) { return copy_message(kNoTorchCuda); }
+char *vf_cuda_synchronize(int32_t) { return copy_message(kNoTorchCuda); }
+char *vf_cuda_graph_new(void **graph) {
+    *graph = nullptr;
+    return copy_message(kNoTorchCuda);
+}
+char *vf_cuda_graph_capture_begin(void *) { return copy_message(kNoTorchCuda); }
+char *vf_cuda_graph_capture_end(void *) { return copy_message(kNoTorchCuda); }
+char *vf_cuda_graph_replay(void *) { return copy_message(kNoTorchCuda); }
+void vf_cuda_graph_free(void *) {}
+
+#endif
 
 void vf_free_error(char *error) { std::free(error); }
 

@@ -62,6 +62,29 @@ char *vf_grad_mode_enabled(int32_t *enabled);
  */
 char *vf_current_cuda_stream(int32_t device_index, void **stream);
 
+/*
+ * CUDA streams and graphs of libtorch (tch exposes neither). Available when the shim was
+ * built against a libtorch with CUDA; otherwise each returns an error.
+ */
+
+/* Makes a fresh stream from PyTorch's pool the current stream of the device; *previous
+ * receives the stream it replaces, for vf_cuda_stream_pop. */
+char *vf_cuda_stream_push(int32_t device_index, void **previous);
+
+/* Makes `previous` (from vf_cuda_stream_push) current again and frees the handle. */
+char *vf_cuda_stream_pop(void *previous);
+
+/* Waits until the device has finished all work. */
+char *vf_cuda_synchronize(int32_t device_index);
+
+/* An at::cuda::CUDAGraph: capture the work queued on the current (non-default) stream
+ * between begin and end, then replay it. */
+char *vf_cuda_graph_new(void **graph);
+char *vf_cuda_graph_capture_begin(void *graph);
+char *vf_cuda_graph_capture_end(void *graph);
+char *vf_cuda_graph_replay(void *graph);
+void vf_cuda_graph_free(void *graph);
+
 /* Frees a message returned by the functions above. */
 void vf_free_error(char *error);
 

@@ -20,13 +20,20 @@ if [ ! -x "$venv_python" ]; then
     "$PYTHON" -m venv .venv
 fi
 
-have=$("$venv_python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+have=$("$venv_python" -W ignore -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 if [ "$have" != "$TORCH_VERSION" ]; then
     echo "setup: installing torch==$TORCH_VERSION into .venv (about 4.6 GB, a few minutes)" >&2
     "$venv_python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
 fi
 
-torch_dir=$("$venv_python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+# The CUDA runtime headers' crt/ folder, which the torch wheels lack: needed to build the
+# wrappers of PyTorch's CUDA streams and graphs (the crate builds without them).
+if ! "$venv_python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt")' >/dev/null 2>&1; then
+    "$venv_python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*" ||
+        echo "setup: nvidia-cuda-crt not installed; CUDA stream/graph helpers will be unavailable" >&2
+fi
+
+torch_dir=$("$venv_python" -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)
 if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
     ln -sfn "$torch_dir" .libtorch
 fi

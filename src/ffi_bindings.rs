@@ -52,5 +52,39 @@ unsafe extern "C" {
     ) -> *mut ::std::os::raw::c_char;
 }
 unsafe extern "C" {
+    pub fn vf_cuda_stream_push(
+        device_index: i32,
+        previous: *mut *mut ::std::os::raw::c_void,
+    ) -> *mut ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn vf_cuda_stream_pop(previous: *mut ::std::os::raw::c_void)
+        -> *mut ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn vf_cuda_synchronize(device_index: i32) -> *mut ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn vf_cuda_graph_new(
+        graph: *mut *mut ::std::os::raw::c_void,
+    ) -> *mut ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn vf_cuda_graph_capture_begin(
+        graph: *mut ::std::os::raw::c_void,
+    ) -> *mut ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn vf_cuda_graph_capture_end(
+        graph: *mut ::std::os::raw::c_void,
+    ) -> *mut ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn vf_cuda_graph_replay(graph: *mut ::std::os::raw::c_void) -> *mut ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn vf_cuda_graph_free(graph: *mut ::std::os::raw::c_void);
+}
+unsafe extern "C" {
     pub fn vf_free_error(error: *mut ::std::os::raw::c_char);
 }

@@ -6,6 +6,7 @@
 //! `probe` finds the libraries without panicking.
 
 mod driver;
+pub mod graph;
 mod launcher;
 pub mod nvrtc;
 pub(crate) mod plan;
