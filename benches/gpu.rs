@@ -1,0 +1,193 @@
+//! GPU timings of the fused op, with CUDA events on PyTorch's current stream: forward and
+//! forward+backward against the same loss in plain tch ops, and against the measured
+//! device-copy bandwidth. Prints a table and, with `--csv PATH`, writes a CSV.
+//! Without a CUDA device it prints a note and exits. Run: `cargo bench --bench gpu`.
+
+use cudarc::driver::{result::event, sys};
+use tch::{Device, Kind, Tensor};
+use vidfuse::cuda::graph;
+use vidfuse::{f_vid_loss, VidOptions};
+
+/// Calls per timed batch, and batches (the median batch is reported).
+const CALLS: usize = 10;
+const BATCHES: usize = 15;
+
+/// Median milliseconds per call of `f`, timed with CUDA events around batches of calls.
+fn time_ms(mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let stream = graph::current_stream(0).expect("current stream") as sys::CUstream;
+    let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let (start, end) = (event::create(flags).unwrap(), event::create(flags).unwrap());
+    let mut times = Vec::with_capacity(BATCHES);
+    for _ in 0..BATCHES {
+        // SAFETY: events and stream are live; the context is current (warm_up bound it).
+        unsafe { event::record(start, stream) }.unwrap();
+        for _ in 0..CALLS {
+            f();
+        }
+        unsafe { event::record(end, stream) }.unwrap();
+        graph::synchronize(0).unwrap();
+        times.push(unsafe { event::elapsed(start, end) }.unwrap() as f64 / CALLS as f64);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[BATCHES / 2]
+}
+
+/// The loss in plain tch ops (what a tch user writes without vidfuse).
+fn plain_vid(mean: &Tensor, target: &Tensor, log_scale: &Tensor) -> Tensor {
+    let mut view = vec![1i64; mean.dim()];
+    view[1] = -1;
+    let var = (log_scale.softplus() + 1e-5)
+        .view(&view[..])
+        .to_kind(mean.kind());
+    (((mean - target).square() / &var + var.log()) * 0.5).mean(mean.kind())
+}
+
+struct Case {
+    shape: Vec<i64>,
+    kind: Kind,
+    layout: &'static str,
+}
+
+fn make(case: &Case, device: Device) -> (Tensor, Tensor, Tensor) {
+    let randn = || {
+        let t = Tensor::randn(&case.shape[..], (case.kind, device));
+        if case.layout == "nhwc" {
+            let rank = case.shape.len() as i64;
+            let mut order = vec![0i64];
+            order.extend(2..rank);
+            order.push(1);
+            let mut inverse = vec![0i64; rank as usize];
+            for (p, &d) in order.iter().enumerate() {
+                inverse[d as usize] = p as i64;
+            }
+            t.permute(&order[..]).contiguous().permute(&inverse[..])
+        } else {
+            t
+        }
+    };
+    let mean = randn().set_requires_grad(true);
+    let target = randn();
+    let log_scale =
+        Tensor::full([case.shape[1]], 1.0, (Kind::Float, device)).set_requires_grad(true);
+    (mean, target, log_scale)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let csv_path = args
+        .iter()
+        .position(|a| a == "--csv")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let quick = args.iter().any(|a| a == "--quick");
+    if !tch::Cuda::is_available() {
+        println!("SKIPPED: no CUDA device; GPU timings need one (scripts/gpu-run.sh)");
+        return;
+    }
+    let device = Device::Cuda(0);
+    vidfuse::cuda::warm_up(device).expect("kernels load");
+
+    let n = 1i64 << 28;
+    let a = Tensor::rand([n], (Kind::Float, device));
+    let mut b = a.empty_like();
+    let copy_ms = time_ms(|| {
+        let _ = b.copy_(&a);
+    });
+    let copy_gbs = 2.0 * n as f64 * 4.0 / (copy_ms * 1e-3) / 1e9;
+    println!("device-copy bandwidth: {copy_gbs:.0} GB/s ({copy_ms:.3} ms for 2 x 1 GiB)");
+
+    let shapes: Vec<Vec<i64>> = if quick {
+        vec![vec![64, 256, 32, 32]]
+    } else {
+        vec![
+            vec![64, 256, 32, 32],
+            vec![256, 256, 16, 16],
+            vec![256, 512, 8, 8],
+            vec![1024, 128, 32, 32],
+            vec![4096, 4096],
+        ]
+    };
+    let mut cases = Vec::new();
+    for shape in &shapes {
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+            let layouts: &[&str] = if shape.len() > 2 {
+                &["nchw", "nhwc"]
+            } else {
+                &["nc"]
+            };
+            for &layout in layouts {
+                cases.push(Case {
+                    shape: shape.clone(),
+                    kind,
+                    layout,
+                });
+            }
+        }
+    }
+
+    let header = "shape,dtype,layout,elems,fused_fwd_ms,fused_bwd_ms,fused_fwd_bwd_ms,plain_fwd_ms,plain_fwd_bwd_ms,fwd_copy_pct,bwd_copy_pct,speedup_fwd_bwd";
+    let mut csv = vec![header.to_string()];
+    println!(
+        "{:>16} {:>5} {:>4} | {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>7}",
+        "shape",
+        "dtype",
+        "lay",
+        "fwd ms",
+        "bwd ms",
+        "f+b ms",
+        "tch fwd",
+        "tch f+b",
+        "fwd %bw",
+        "bwd %bw",
+        "speedup"
+    );
+    let opts = VidOptions::default();
+    for case in &cases {
+        let (mean, target, log_scale) = make(case, device);
+        let elems = mean.numel() as f64;
+        let esize = case.kind.elt_size_in_bytes() as f64;
+        let fwd = time_ms(|| {
+            tch::no_grad(|| f_vid_loss(&mean, &target, &log_scale, &opts).unwrap());
+        });
+        let fwd_bwd = time_ms(|| {
+            let loss = f_vid_loss(&mean, &target, &log_scale, &opts).unwrap();
+            let _ = Tensor::run_backward(&[&loss], &[&mean, &log_scale], false, false);
+        });
+        let plain_fwd = time_ms(|| {
+            tch::no_grad(|| plain_vid(&mean, &target, &log_scale));
+        });
+        let plain_fwd_bwd = time_ms(|| {
+            let loss = plain_vid(&mean, &target, &log_scale);
+            let _ = Tensor::run_backward(&[&loss], &[&mean, &log_scale], false, false);
+        });
+        let bwd = fwd_bwd - fwd;
+        // Minimum bytes: forward reads mean and target; backward reads both, writes d/dmean.
+        let pct = |bytes: f64, ms: f64| 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs;
+        let (fwd_pct, bwd_pct) = (pct(2.0 * elems * esize, fwd), pct(3.0 * elems * esize, bwd));
+        let shape = case
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        let dtype = format!("{:?}", case.kind).to_lowercase();
+        println!(
+            "{shape:>16} {dtype:>5} {:>4} | {fwd:9.4} {bwd:9.4} {fwd_bwd:9.4} | {plain_fwd:9.4} {plain_fwd_bwd:9.4} | {fwd_pct:6.1}% {bwd_pct:6.1}% | {:6.2}x",
+            case.layout,
+            plain_fwd_bwd / fwd_bwd
+        );
+        csv.push(format!(
+            "{shape},{dtype},{},{},{fwd:.5},{bwd:.5},{fwd_bwd:.5},{plain_fwd:.5},{plain_fwd_bwd:.5},{fwd_pct:.1},{bwd_pct:.1},{:.3}",
+            case.layout,
+            elems as u64,
+            plain_fwd_bwd / fwd_bwd
+        ));
+    }
+    if let Some(path) = csv_path {
+        std::fs::write(&path, csv.join("\n") + "\n").expect("write csv");
+        println!("wrote {path}");
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the release GPU test and bench binaries here and gathers them, with what the GPU
+# machine lacks (the peers script, the run script), into gpu-bundle/ (ignored by git, a few
+# MiB: small enough to carry). Then run `bash gpu-bundle/gpu-run.sh` on the GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+peers=${VID_PEERS:-../shared/bench/vid_peers.py}
+[ -f "$peers" ] || { echo "gpu-bundle: peers script not found at $peers (set VID_PEERS)" >&2; exit 1; }
+
+# The path of the executable cargo builds for a target, from its JSON messages.
+executable() {
+    cargo "$@" --release --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])' | tail -n 1
+}
+
+out=gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/bin"
+cp "$(executable test --test gpu)" "$out/bin/gpu-tests"
+cp "$(executable bench --bench gpu)" "$out/bin/gpu-bench"
+strip "$out"/bin/* 2>/dev/null || true
+cp scripts/gpu-run.sh "$out/"
+cp "$peers" "$out/vid_peers.py"
+git rev-parse --short HEAD > "$out/commit.txt"
+du -sh "$out"
