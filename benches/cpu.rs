@@ -17,7 +17,9 @@
 //! `scripts/bench-cpu.sh` runs this, the PyTorch peers, and writes the combined table.
 //! `VIDFUSE_BENCH_QUICK=1` shortens every measurement (a smoke run, not for figures).
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 use vidfuse::{vid_loss, VidOptions};

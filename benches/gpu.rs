@@ -99,15 +99,18 @@ fn main() {
     let copy_gbs = 2.0 * n as f64 * 4.0 / (copy_ms * 1e-3) / 1e9;
     println!("device-copy bandwidth: {copy_gbs:.0} GB/s ({copy_ms:.3} ms for 2 x 1 GiB)");
 
+    // vid_peers.py's GPU shapes (so rows line up with the peers), plus a 16M-element NCHW
+    // map with long rows.
     let shapes: Vec<Vec<i64>> = if quick {
         vec![vec![64, 256, 32, 32]]
     } else {
         vec![
-            vec![64, 256, 32, 32],
+            vec![64, 64, 32, 32],
             vec![256, 256, 16, 16],
             vec![256, 512, 8, 8],
             vec![1024, 128, 32, 32],
-            vec![4096, 4096],
+            vec![4096, 1000],
+            vec![64, 256, 32, 32],
         ]
     };
     let mut cases = Vec::new();
