@@ -11,7 +11,7 @@ peers=${VID_PEERS:-../shared/bench/vid_peers.py}
 
 # The path of the executable cargo builds for a target, from its JSON messages.
 executable() {
-    cargo "$@" --release --no-run --message-format=json 2>/dev/null |
+    cargo "$@" --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -22,7 +22,7 @@ for line in sys.stdin:
 out=gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/bin"
-cp "$(executable test --test gpu)" "$out/bin/gpu-tests"
+cp "$(executable test --release --test gpu)" "$out/bin/gpu-tests"
 cp "$(executable bench --bench gpu)" "$out/bin/gpu-bench"
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/gpu-run.sh "$out/"
