@@ -94,7 +94,7 @@ fn main() {
     let a = Tensor::rand([n], (Kind::Float, device));
     let mut b = a.empty_like();
     let copy_ms = time_ms(|| {
-        let _ = b.copy_(&a);
+        b.copy_(&a);
     });
     let copy_gbs = 2.0 * n as f64 * 4.0 / (copy_ms * 1e-3) / 1e9;
     println!("device-copy bandwidth: {copy_gbs:.0} GB/s ({copy_ms:.3} ms for 2 x 1 GiB)");
@@ -153,14 +153,14 @@ fn main() {
         let elems = mean.numel() as f64;
         let esize = case.kind.elt_size_in_bytes() as f64;
         let fwd = time_ms(|| {
-            tch::no_grad(|| f_vid_loss(&mean, &target, &log_scale, &opts).unwrap());
+            let _loss = tch::no_grad(|| f_vid_loss(&mean, &target, &log_scale, &opts).unwrap());
         });
         let fwd_bwd = time_ms(|| {
             let loss = f_vid_loss(&mean, &target, &log_scale, &opts).unwrap();
             let _ = Tensor::run_backward(&[&loss], &[&mean, &log_scale], false, false);
         });
         let plain_fwd = time_ms(|| {
-            tch::no_grad(|| plain_vid(&mean, &target, &log_scale));
+            let _loss = tch::no_grad(|| plain_vid(&mean, &target, &log_scale));
         });
         let plain_fwd_bwd = time_ms(|| {
             let loss = plain_vid(&mean, &target, &log_scale);

@@ -42,22 +42,19 @@ trait Acc:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
 }
-impl Acc for f32 {
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
+macro_rules! impl_acc {
+    ($($t:ty),*) => {$(
+        impl Acc for $t {
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+        }
+    )*};
 }
-impl Acc for f64 {
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-}
+impl_acc!(f32, f64);
 
 /// A storage dtype: converts slices to and from its accumulation type.
 trait Element: Copy + Send + Sync + 'static {
@@ -65,24 +62,21 @@ trait Element: Copy + Send + Sync + 'static {
     fn load(src: &[Self], dst: &mut [Self::Acc]);
     fn store(src: &[Self::Acc], dst: &mut [Self]);
 }
-impl Element for f32 {
-    type Acc = f32;
-    fn load(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src)
-    }
-    fn store(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src)
-    }
+/// f32 and f64 are their own accumulation types.
+macro_rules! impl_native_element {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            type Acc = $t;
+            fn load(src: &[$t], dst: &mut [$t]) {
+                dst.copy_from_slice(src)
+            }
+            fn store(src: &[$t], dst: &mut [$t]) {
+                dst.copy_from_slice(src)
+            }
+        }
+    )*};
 }
-impl Element for f64 {
-    type Acc = f64;
-    fn load(src: &[f64], dst: &mut [f64]) {
-        dst.copy_from_slice(src)
-    }
-    fn store(src: &[f64], dst: &mut [f64]) {
-        dst.copy_from_slice(src)
-    }
-}
+impl_native_element!(f32, f64);
 impl Element for f16 {
     type Acc = f32;
     fn load(src: &[f16], dst: &mut [f32]) {

@@ -209,18 +209,14 @@ fn emu_results_are_bitwise_deterministic() {
         (vec![6, 300, 3, 3], Mem::ChannelsLast),
     ] {
         let opts = VidOptions::default().reduction(Reduction::Sum);
-        let (m, t, a, _) = leaf_inputs(&shape, Kind::Float, Kind::Float, mem, &opts);
-        let run = || {
-            let loss = op(&m, &t, &a, &opts).unwrap();
-            let g = Tensor::run_backward(&[&loss], &[&m, &a], false, false);
-            (loss, g)
-        };
-        let (l1, g1) = run();
-        let (l2, g2) = run();
-        assert!(l1.equal(&l2), "loss differs between runs");
-        for (x, y) in g1.iter().zip(&g2) {
-            assert!(x.equal(y), "gradient differs between runs");
-        }
+        let (m, t, a, up) = leaf_inputs(&shape, Kind::Float, Kind::Float, mem, &opts);
+        assert_deterministic(
+            &op,
+            &format!("emu {shape:?} {mem:?}"),
+            [&m, &t, &a],
+            &opts,
+            &up,
+        );
     }
 }
 

@@ -122,7 +122,7 @@ fn gpu_results_are_bitwise_deterministic() {
     let Some(device) = gpu() else { return };
     let opts = VidOptions::default();
     for mem in [Mem::Contiguous, Mem::ChannelsLast] {
-        let [m, t, a, _] = device_inputs(
+        let [m, t, a, up] = device_inputs(
             &[16, 64, 32, 32],
             Kind::Float,
             Kind::Float,
@@ -130,17 +130,8 @@ fn gpu_results_are_bitwise_deterministic() {
             &opts,
             device,
         );
-        let run = || {
-            let loss = f_vid_loss(&m, &t, &a, &opts).unwrap();
-            let g = Tensor::run_backward(&[&loss], &[&m, &a], false, false);
-            (loss, g)
-        };
-        let (l1, g1) = run();
-        let (l2, g2) = run();
-        assert!(l1.equal(&l2), "loss differs between runs");
-        for (x, y) in g1.iter().zip(&g2) {
-            assert!(x.equal(y), "gradient differs between runs");
-        }
+        let what = format!("cuda {mem:?}");
+        assert_deterministic(&f_vid_loss, &what, [&m, &t, &a], &opts, &up);
     }
 }
 

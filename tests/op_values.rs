@@ -353,23 +353,9 @@ fn deterministic() {
             tch::manual_seed(12_000 + i as i64);
             let (mean, target, log_scale, upstream) =
                 leaf_inputs(shape, kind, Kind::Float, mem, &opts);
-            let run = || {
-                let loss = f_vid_loss(&mean, &target, &log_scale, &opts).unwrap();
-                let root = (&loss * &upstream).sum(kind);
-                let grads =
-                    Tensor::run_backward(&[root], &[&mean, &target, &log_scale], false, false);
-                (loss, grads)
-            };
-            let (l1, g1) = run();
-            let (l2, g2) = run();
             let what = format!("{kind:?} {shape:?} {mem:?} {reduction:?}");
-            assert!(l1.equal(&l2), "{what}: loss differs between runs");
-            for (name, (a, b)) in ["mean", "target", "log_scale"]
-                .iter()
-                .zip(g1.iter().zip(&g2))
-            {
-                assert!(a.equal(b), "{what}: d/d{name} differs between runs");
-            }
+            let inputs = [&mean, &target, &log_scale];
+            assert_deterministic(&f_vid_loss, &what, inputs, &opts, &upstream);
         }
     }
 }

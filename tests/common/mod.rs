@@ -442,3 +442,29 @@ pub fn expected_kernels() -> Vec<String> {
     names.sort();
     names
 }
+
+/// Runs `op` forward and backward twice on the same leaf inputs and asserts that the loss
+/// and every gradient are bitwise identical.
+pub fn assert_deterministic(
+    op: &LossFn,
+    what: &str,
+    inputs: [&Tensor; 3],
+    opts: &VidOptions,
+    upstream: &Tensor,
+) {
+    let run = || {
+        let loss = op(inputs[0], inputs[1], inputs[2], opts).unwrap();
+        let root = (&loss * upstream).sum(loss.kind());
+        let grads = Tensor::run_backward(&[root], &inputs, false, false);
+        (loss, grads)
+    };
+    let (l1, g1) = run();
+    let (l2, g2) = run();
+    assert!(l1.equal(&l2), "{what}: loss differs between runs");
+    for (name, (a, b)) in ["mean", "target", "log_scale"]
+        .iter()
+        .zip(g1.iter().zip(&g2))
+    {
+        assert!(a.equal(b), "{what}: d/d{name} differs between runs");
+    }
+}
