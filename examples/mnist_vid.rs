@@ -37,7 +37,7 @@ use report::RunResult;
 /// Knowledge transfer with little data (Ahn et al. 2019, Table 2) on real MNIST digits:
 /// a CNN teacher, CNN and MLP students, six methods, four training-set sizes.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// A short demonstration: fewer teacher epochs and student steps, one seed
     /// (about a minute on 2 CPU cores). Writes to target/mnist_vid_quick unless --out is given.
