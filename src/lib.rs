@@ -34,6 +34,7 @@ pub mod cuda;
 pub mod error;
 mod ffi;
 mod math;
+pub mod nn;
 mod op;
 pub mod options;
 pub mod validate;

@@ -1,0 +1,704 @@
+//! VID as a trainable tch module: the mean regressor and the per-channel variance live in a
+//! [`tch::nn::VarStore`], the loss itself is the fused [`crate::f_vid_loss`].
+//!
+//! * [`VidLoss::new`] — VID-I on feature maps: `[N, Cs, Hs, Ws]` student, `[N, Ct, Ht, Wt]`
+//!   teacher, a 1x1-convolution regressor (conv -> ReLU -> conv -> ReLU -> conv, no bias).
+//! * [`VidLoss::linear`] — VID-LP / vectors: `[N, Ds]` student, `[N, Dt]` teacher, a linear
+//!   regressor (e.g. student logits -> the teacher's penultimate layer).
+//! * [`VidLoss::vector_to_map`] — heterogeneous students: a `[N, D]` vector (an MLP's hidden
+//!   layer) regressed onto a teacher's `[N, C, H, W]` map.
+//! * [`VidDistiller`] — several pairs with weights `lambda_k`, summed.
+//!
+//! The parameters of a `VidLoss` built under the path `p` are
+//!
+//! | name | shape | what |
+//! | --- | --- | --- |
+//! | `p.log_scale` | `[Ct]` | `alpha`, with `var_c = softplus(alpha_c) + eps` |
+//! | `p.regressor.0.weight`, `p.regressor.2.weight`, `p.regressor.4.weight` | `[H, Cs, 1, 1]`, `[H, H, 1, 1]`, `[Ct, H, 1, 1]` | VID-I regressor |
+//! | `p.regressor.weight`, `p.regressor.bias` | `[Dt, Ds]`, `[Dt]` (or `[Ct*H*W, D]`, `[Ct*H*W]`) | linear forms |
+//!
+//! (the VID-I names match the PyTorch reference implementation's `state_dict`), so saving
+//! and loading the `VarStore` and any tch optimizer work as for any other module.
+//!
+//! ```
+//! use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+//! use vidfuse::nn::VidLoss;
+//!
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let vid = VidLoss::new(&vs.root() / "vid1", 16, 32, Default::default());
+//! let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+//!
+//! let s_feat = Tensor::randn([4, 16, 8, 8], (Kind::Float, Device::Cpu)); // student features
+//! let t_feat = Tensor::randn([4, 32, 4, 4], (Kind::Float, Device::Cpu)); // teacher features
+//! let lambda = 1.0;
+//! let loss = vid.forward(&s_feat, &t_feat) * lambda; // student map pooled to 4x4
+//! opt.backward_step(&loss);
+//! assert_eq!(vid.variance().size(), vec![32]);
+//! ```
+
+use std::borrow::Borrow;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::{f_vid_loss, Reduction, VidError, VidOptions};
+
+/// Configuration of a [`VidLoss`]; build it with `Default` and struct-update syntax, as
+/// tch's own configs:
+///
+/// ```
+/// use vidfuse::{nn::VidConfig, Reduction};
+/// let cfg = VidConfig { init_variance: 1.0, hidden_channels: Some(64), ..Default::default() };
+/// assert_eq!(cfg.eps, 1e-5);
+/// assert_eq!(cfg.reduction, Reduction::Mean);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VidConfig {
+    /// The per-channel variance at initialisation: `log_scale` starts at
+    /// `ln(exp(init_variance - eps) - 1)` so that `softplus(log_scale) + eps == init_variance`.
+    /// Default `5.0` (the reference implementations' value). Must be finite and `> eps`.
+    pub init_variance: f64,
+    /// The variance floor: `var_c = softplus(log_scale_c) + eps`. Default `1e-5`; finite, `> 0`.
+    pub eps: f64,
+    /// Width of the two hidden 1x1 convolutions of the VID-I regressor; `None` (the
+    /// default) uses the teacher's channel count, as the paper. Ignored by the linear forms.
+    pub hidden_channels: Option<i64>,
+    /// How the per-element losses are reduced. Default [`Reduction::Mean`] (the mean over
+    /// all `N * C * H * W` elements, as the reference implementations). With
+    /// [`Reduction::None`] `forward` returns the per-element loss map.
+    pub reduction: Reduction,
+    /// Add `0.5 * ln(2 pi)` per element (the full Gaussian negative log-likelihood). It
+    /// changes the value, not the gradients. Default `false`.
+    pub full: bool,
+}
+
+impl Default for VidConfig {
+    /// `init_variance = 5.0`, `eps = 1e-5`, hidden width = teacher's channels,
+    /// `Reduction::Mean`, `full = false`.
+    fn default() -> Self {
+        VidConfig {
+            init_variance: 5.0,
+            eps: 1e-5,
+            hidden_channels: None,
+            reduction: Reduction::Mean,
+            full: false,
+        }
+    }
+}
+
+impl VidConfig {
+    /// The op options these settings give.
+    pub fn options(&self) -> VidOptions {
+        VidOptions::default()
+            .eps(self.eps)
+            .reduction(self.reduction)
+            .full(self.full)
+    }
+
+    /// The `log_scale` value whose variance is `init_variance`:
+    /// `ln(exp(init_variance - eps) - 1)`, computed without overflow.
+    ///
+    /// ```
+    /// let a = vidfuse::nn::VidConfig::default().initial_log_scale();
+    /// assert!(((1.0 + a.exp()).ln() + 1e-5 - 5.0).abs() < 1e-12);
+    /// ```
+    pub fn initial_log_scale(&self) -> f64 {
+        let x = self.init_variance - self.eps;
+        // softplus^-1(x) = ln(e^x - 1) = x + ln(1 - e^-x)
+        x + (-(-x).exp_m1()).ln()
+    }
+
+    fn validate(&self) -> Result<(), VidError> {
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(VidError::invalid(
+                "cfg.eps",
+                format!("must be finite and > 0, got {}", self.eps),
+            ));
+        }
+        if !(self.init_variance.is_finite() && self.init_variance > self.eps) {
+            return Err(VidError::invalid(
+                "cfg.init_variance",
+                format!(
+                    "must be finite and > eps ({}), got {}",
+                    self.eps, self.init_variance
+                ),
+            ));
+        }
+        if let Some(h) = self.hidden_channels {
+            if h <= 0 {
+                return Err(VidError::invalid(
+                    "cfg.hidden_channels",
+                    format!("must be > 0, got {h}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+enum Regressor {
+    /// VID-I: three 1x1 convolutions without bias, ReLU between.
+    Conv { ws: [Tensor; 3] },
+    /// `[N, Ds] -> [N, Dt]`.
+    Linear { ws: Tensor, bs: Tensor },
+    /// `[N, D] -> [N, C * H * W] -> [N, C, H, W]`.
+    VectorToMap {
+        ws: Tensor,
+        bs: Tensor,
+        size: (i64, i64),
+    },
+}
+
+/// The VID loss between one student layer and one teacher layer, with its trainable mean
+/// regressor and per-channel variance.
+///
+/// `forward(student, teacher)` returns `-E[log q(t | s)]` up to a constant (the value to
+/// add, times `lambda`, to the task loss). The teacher is always detached; gradients reach
+/// the student, the regressor and `log_scale`.
+#[derive(Debug)]
+pub struct VidLoss {
+    regressor: Regressor,
+    log_scale: Tensor,
+    student_dim: i64,
+    teacher_dim: i64,
+    cfg: VidConfig,
+}
+
+fn check_dim(arg: &'static str, n: i64, what: &str) -> Result<(), VidError> {
+    if n <= 0 {
+        return Err(VidError::invalid(
+            arg,
+            format!("{what} must be > 0, got {n}"),
+        ));
+    }
+    Ok(())
+}
+
+impl VidLoss {
+    fn make_log_scale(vs: &nn::Path, teacher_dim: i64, cfg: &VidConfig) -> Tensor {
+        vs.var(
+            "log_scale",
+            &[teacher_dim],
+            nn::Init::Const(cfg.initial_log_scale()),
+        )
+    }
+
+    /// VID-I for feature maps: student `[N, student_channels, Hs, Ws]`, teacher
+    /// `[N, teacher_channels, Ht, Wt]`. Returns an error on a non-positive channel count or
+    /// a bad config.
+    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        student_channels: i64,
+        teacher_channels: i64,
+        cfg: VidConfig,
+    ) -> Result<VidLoss, VidError> {
+        let vs = vs.borrow();
+        cfg.validate()?;
+        check_dim("student_channels", student_channels, "the channel count")?;
+        check_dim("teacher_channels", teacher_channels, "the channel count")?;
+        let hidden = cfg.hidden_channels.unwrap_or(teacher_channels);
+        let reg = vs / "regressor";
+        let conv = |name: &str, i: i64, o: i64| nn::conv2d(&reg / name, i, o, 1, nn::no_bias()).ws;
+        let ws = [
+            conv("0", student_channels, hidden),
+            conv("2", hidden, hidden),
+            conv("4", hidden, teacher_channels),
+        ];
+        Ok(VidLoss {
+            regressor: Regressor::Conv { ws },
+            log_scale: Self::make_log_scale(vs, teacher_channels, &cfg),
+            student_dim: student_channels,
+            teacher_dim: teacher_channels,
+            cfg,
+        })
+    }
+
+    /// VID-I for feature maps (panicking form of [`VidLoss::f_new`]).
+    ///
+    /// The mean regressor is conv1x1 -> ReLU -> conv1x1 -> ReLU -> conv1x1, all without
+    /// bias, hidden width `cfg.hidden_channels` (default `teacher_channels`). When the
+    /// spatial sizes differ, the larger map is adaptive-average-pooled to the smaller, per
+    /// dimension (the student before the regressor, as the reference implementation).
+    ///
+    /// ```
+    /// use tch::{nn, Device, Kind, Tensor};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let vid = vidfuse::nn::VidLoss::new(&vs.root() / "vid1", 64, 128, Default::default());
+    /// let loss = vid.forward(&Tensor::randn([2, 64, 8, 8], (Kind::Float, Device::Cpu)),
+    ///                        &Tensor::randn([2, 128, 8, 8], (Kind::Float, Device::Cpu)));
+    /// assert_eq!(loss.dim(), 0);
+    /// assert_eq!(vs.len(), 4); // log_scale + three conv weights
+    /// ```
+    pub fn new<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        student_channels: i64,
+        teacher_channels: i64,
+        cfg: VidConfig,
+    ) -> VidLoss {
+        Self::f_new(vs, student_channels, teacher_channels, cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// VID-LP / vectors: student `[N, student_dim]`, teacher `[N, teacher_dim]`, with a
+    /// linear mean regressor (weight and bias). Returns an error on a bad size or config.
+    pub fn f_linear<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        student_dim: i64,
+        teacher_dim: i64,
+        cfg: VidConfig,
+    ) -> Result<VidLoss, VidError> {
+        let vs = vs.borrow();
+        cfg.validate()?;
+        check_dim("student_dim", student_dim, "the size")?;
+        check_dim("teacher_dim", teacher_dim, "the size")?;
+        let lin = nn::linear(
+            vs / "regressor",
+            student_dim,
+            teacher_dim,
+            Default::default(),
+        );
+        Ok(VidLoss {
+            regressor: Regressor::Linear {
+                ws: lin.ws,
+                bs: lin.bs.expect("linear layer has a bias"),
+            },
+            log_scale: Self::make_log_scale(vs, teacher_dim, &cfg),
+            student_dim,
+            teacher_dim,
+            cfg,
+        })
+    }
+
+    /// VID-LP / vectors (panicking form of [`VidLoss::f_linear`]): e.g. the student's
+    /// logits regressed onto the teacher's penultimate layer.
+    ///
+    /// ```
+    /// use tch::{nn, Device, Kind, Tensor};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let vid = vidfuse::nn::VidLoss::linear(&vs.root() / "lp", 10, 256, Default::default());
+    /// let loss = vid.forward(&Tensor::randn([8, 10], (Kind::Float, Device::Cpu)),
+    ///                        &Tensor::randn([8, 256], (Kind::Float, Device::Cpu)));
+    /// assert_eq!(loss.dim(), 0);
+    /// ```
+    pub fn linear<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        student_dim: i64,
+        teacher_dim: i64,
+        cfg: VidConfig,
+    ) -> VidLoss {
+        Self::f_linear(vs, student_dim, teacher_dim, cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Vector -> feature map, for heterogeneous students: student `[N, student_dim]` (an
+    /// MLP's hidden layer), teacher `[N, teacher_channels, H, W]`. The regressor is one
+    /// linear layer to `teacher_channels * H * W` outputs, reshaped to
+    /// `[N, teacher_channels, H, W]` with `(H, W) = size`. A teacher map of another size is
+    /// matched by the same rule as VID-I: the larger is adaptive-average-pooled to the
+    /// smaller. Returns an error on a bad size or config.
+    pub fn f_vector_to_map<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        student_dim: i64,
+        teacher_channels: i64,
+        size: (i64, i64),
+        cfg: VidConfig,
+    ) -> Result<VidLoss, VidError> {
+        let vs = vs.borrow();
+        cfg.validate()?;
+        check_dim("student_dim", student_dim, "the size")?;
+        check_dim("teacher_channels", teacher_channels, "the channel count")?;
+        check_dim("size", size.0, "the height")?;
+        check_dim("size", size.1, "the width")?;
+        let out = teacher_channels * size.0 * size.1;
+        let lin = nn::linear(vs / "regressor", student_dim, out, Default::default());
+        Ok(VidLoss {
+            regressor: Regressor::VectorToMap {
+                ws: lin.ws,
+                bs: lin.bs.expect("linear layer has a bias"),
+                size,
+            },
+            log_scale: Self::make_log_scale(vs, teacher_channels, &cfg),
+            student_dim,
+            teacher_dim: teacher_channels,
+            cfg,
+        })
+    }
+
+    /// Vector -> feature map (panicking form of [`VidLoss::f_vector_to_map`]).
+    ///
+    /// ```
+    /// use tch::{nn, Device, Kind, Tensor};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// // an MLP's 128-wide hidden layer against a CNN teacher's [N, 32, 7, 7] map
+    /// let vid = vidfuse::nn::VidLoss::vector_to_map(&vs.root() / "v2m", 128, 32, (7, 7), Default::default());
+    /// let loss = vid.forward(&Tensor::randn([8, 128], (Kind::Float, Device::Cpu)),
+    ///                        &Tensor::randn([8, 32, 7, 7], (Kind::Float, Device::Cpu)));
+    /// assert_eq!(loss.dim(), 0);
+    /// ```
+    pub fn vector_to_map<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        student_dim: i64,
+        teacher_channels: i64,
+        size: (i64, i64),
+        cfg: VidConfig,
+    ) -> VidLoss {
+        Self::f_vector_to_map(vs, student_dim, teacher_channels, size, cfg)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The per-channel variance `softplus(log_scale) + eps` now, `[teacher channels]`,
+    /// detached, in `log_scale`'s dtype (computed in f64).
+    pub fn variance(&self) -> Tensor {
+        tch::no_grad(|| {
+            (self.log_scale.to_kind(Kind::Double).softplus() + self.cfg.eps)
+                .to_kind(self.log_scale.kind())
+        })
+    }
+
+    /// The trainable `log_scale` parameter (`alpha`), `[teacher channels]`.
+    pub fn log_scale(&self) -> &Tensor {
+        &self.log_scale
+    }
+
+    /// The configuration this module was built with.
+    pub fn config(&self) -> &VidConfig {
+        &self.cfg
+    }
+
+    /// The student's channel count (or vector size) this module expects.
+    pub fn student_dim(&self) -> i64 {
+        self.student_dim
+    }
+
+    /// The teacher's channel count (or vector size) this module expects.
+    pub fn teacher_dim(&self) -> i64 {
+        self.teacher_dim
+    }
+
+    fn check_input(
+        &self,
+        arg: &'static str,
+        t: &Tensor,
+        dims: usize,
+        channels: i64,
+    ) -> Result<(), VidError> {
+        let size = t.size();
+        let shape = if dims == 4 {
+            format!("[N, {channels}, H, W]")
+        } else {
+            format!("[N, {channels}]")
+        };
+        if size.len() != dims || size[1] != channels {
+            return Err(VidError::invalid(
+                arg,
+                format!("expected shape {shape}, got {size:?}"),
+            ));
+        }
+        if size.contains(&0) {
+            return Err(VidError::invalid(
+                arg,
+                format!("empty tensor of shape {size:?}"),
+            ));
+        }
+        let device: Device = self.log_scale.device();
+        if t.device() != device {
+            return Err(VidError::invalid(
+                arg,
+                format!(
+                    "on {:?}, the module's parameters are on {device:?}",
+                    t.device()
+                ),
+            ));
+        }
+        if !t.is_floating_point() {
+            return Err(VidError::invalid(
+                arg,
+                format!("expected a floating-point tensor, got {:?}", t.kind()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The regressor's output for `student` (no pooling): the predicted mean of the
+    /// teacher's features. `[N, Ct, Hs, Ws]` for VID-I, `[N, Dt]` for the linear form,
+    /// `[N, Ct, H, W]` for vector -> map.
+    pub fn f_regress(&self, student: &Tensor) -> Result<Tensor, VidError> {
+        let kind = self.log_scale.kind();
+        match &self.regressor {
+            Regressor::Conv { ws } => {
+                self.check_input("student", student, 4, self.student_dim)?;
+                let x = student.f_to_kind(kind)?;
+                let x = x.f_conv2d(&ws[0], None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
+                let x = x.f_relu()?;
+                let x = x.f_conv2d(&ws[1], None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
+                let x = x.f_relu()?;
+                Ok(x.f_conv2d(&ws[2], None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?)
+            }
+            Regressor::Linear { ws, bs } => {
+                self.check_input("student", student, 2, self.student_dim)?;
+                Ok(student.f_to_kind(kind)?.f_linear(ws, Some(bs))?)
+            }
+            Regressor::VectorToMap { ws, bs, size } => {
+                self.check_input("student", student, 2, self.student_dim)?;
+                let y = student.f_to_kind(kind)?.f_linear(ws, Some(bs))?;
+                Ok(y.f_view([-1, self.teacher_dim, size.0, size.1])?)
+            }
+        }
+    }
+
+    /// [`VidLoss::f_regress`], panicking on bad input.
+    pub fn regress(&self, student: &Tensor) -> Tensor {
+        self.f_regress(student).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The VID loss of `student` against `teacher` (detached), reduced as
+    /// `cfg.reduction`; returns an error on mismatched shapes, devices or dtypes.
+    ///
+    /// ```
+    /// use tch::{nn, Device, Kind, Tensor};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let vid = vidfuse::nn::VidLoss::new(&vs.root() / "vid", 8, 16, Default::default());
+    /// let s = Tensor::randn([2, 4, 5, 5], (Kind::Float, Device::Cpu)); // 4 channels, not 8
+    /// let t = Tensor::randn([2, 16, 5, 5], (Kind::Float, Device::Cpu));
+    /// assert!(vid.f_forward(&s, &t).is_err());
+    /// ```
+    pub fn f_forward(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor, VidError> {
+        let kind = self.log_scale.kind();
+        match &self.regressor {
+            Regressor::Conv { .. } | Regressor::VectorToMap { .. } => {
+                let s_dims = if matches!(self.regressor, Regressor::Conv { .. }) {
+                    4
+                } else {
+                    2
+                };
+                self.check_input("student", student, s_dims, self.student_dim)?;
+                self.check_input("teacher", teacher, 4, self.teacher_dim)?;
+                if student.size()[0] != teacher.size()[0] {
+                    return Err(VidError::invalid(
+                        "teacher",
+                        format!(
+                            "batch size {} differs from the student's {}",
+                            teacher.size()[0],
+                            student.size()[0]
+                        ),
+                    ));
+                }
+                let t_hw = (teacher.size()[2], teacher.size()[3]);
+                let mean = match &self.regressor {
+                    Regressor::Conv { .. } => {
+                        // Pool the student before the regressor (as the reference does).
+                        let s_hw = (student.size()[2], student.size()[3]);
+                        let hw = (s_hw.0.min(t_hw.0), s_hw.1.min(t_hw.1));
+                        let s = if s_hw != hw {
+                            student.f_adaptive_avg_pool2d([hw.0, hw.1])?
+                        } else {
+                            student.shallow_clone()
+                        };
+                        self.f_regress(&s)?
+                    }
+                    _ => {
+                        let m = self.f_regress(student)?;
+                        let m_hw = (m.size()[2], m.size()[3]);
+                        let hw = (m_hw.0.min(t_hw.0), m_hw.1.min(t_hw.1));
+                        if m_hw != hw {
+                            m.f_adaptive_avg_pool2d([hw.0, hw.1])?
+                        } else {
+                            m
+                        }
+                    }
+                };
+                let hw = (mean.size()[2], mean.size()[3]);
+                let t = teacher.detach().f_to_kind(kind)?;
+                let t = if t_hw != hw {
+                    t.f_adaptive_avg_pool2d([hw.0, hw.1])?
+                } else {
+                    t
+                };
+                f_vid_loss(&mean, &t, &self.log_scale, &self.cfg.options())
+            }
+            Regressor::Linear { .. } => {
+                self.check_input("student", student, 2, self.student_dim)?;
+                self.check_input("teacher", teacher, 2, self.teacher_dim)?;
+                let mean = self.f_regress(student)?;
+                if mean.size()[0] != teacher.size()[0] {
+                    return Err(VidError::invalid(
+                        "teacher",
+                        format!(
+                            "batch size {} differs from the student's {}",
+                            teacher.size()[0],
+                            mean.size()[0]
+                        ),
+                    ));
+                }
+                let t = teacher.detach().f_to_kind(kind)?;
+                f_vid_loss(&mean, &t, &self.log_scale, &self.cfg.options())
+            }
+        }
+    }
+
+    /// The VID loss of `student` against `teacher` (panicking form of
+    /// [`VidLoss::f_forward`]). Use it as `ce + vid.forward(&s_feat, &t_feat) * lambda`.
+    pub fn forward(&self, student: &Tensor, teacher: &Tensor) -> Tensor {
+        self.f_forward(student, teacher)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// Several student/teacher layer pairs, each a [`VidLoss`] with a weight `lambda_k`;
+/// `forward` gives `sum_k lambda_k * L_k`.
+///
+/// ```
+/// use tch::{nn, Device, Kind, Tensor};
+/// use vidfuse::nn::VidDistiller;
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// // (student channels, teacher channels, lambda) per pair, under vid.0, vid.1
+/// let vid = VidDistiller::new(&vs.root() / "vid", &[(8, 16, 1.0), (16, 32, 0.5)], Default::default());
+/// let opts = (Kind::Float, Device::Cpu);
+/// let s = [Tensor::randn([2, 8, 8, 8], opts), Tensor::randn([2, 16, 4, 4], opts)];
+/// let t = [Tensor::randn([2, 16, 8, 8], opts), Tensor::randn([2, 32, 4, 4], opts)];
+/// let loss = vid.forward(&s, &t);
+/// assert_eq!(loss.dim(), 0);
+/// assert!(vid.f_forward(&s[..1], &t).is_err()); // counts differ
+/// ```
+#[derive(Debug, Default)]
+pub struct VidDistiller {
+    pairs: Vec<(VidLoss, f64)>,
+}
+
+impl VidDistiller {
+    /// VID-I pairs from `(student_channels, teacher_channels, lambda)`, the k-th under
+    /// `vs / k`. Returns an error on a bad channel count or config.
+    pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        pairs: &[(i64, i64, f64)],
+        cfg: VidConfig,
+    ) -> Result<VidDistiller, VidError> {
+        let vs = vs.borrow();
+        let mut d = VidDistiller::empty();
+        for (k, &(s, t, lambda)) in pairs.iter().enumerate() {
+            d.f_push(VidLoss::f_new(vs / k, s, t, cfg)?, lambda)?;
+        }
+        Ok(d)
+    }
+
+    /// VID-I pairs (panicking form of [`VidDistiller::f_new`]).
+    pub fn new<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        pairs: &[(i64, i64, f64)],
+        cfg: VidConfig,
+    ) -> VidDistiller {
+        Self::f_new(vs, pairs, cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A distiller with no pairs; add them with [`VidDistiller::push`] (any mix of
+    /// VID-I, linear and vector -> map losses).
+    pub fn empty() -> VidDistiller {
+        VidDistiller { pairs: Vec::new() }
+    }
+
+    /// Adds a pair with weight `lambda` (finite); returns an error otherwise.
+    pub fn f_push(&mut self, loss: VidLoss, lambda: f64) -> Result<&mut Self, VidError> {
+        if !lambda.is_finite() {
+            return Err(VidError::invalid(
+                "lambda",
+                format!("must be finite, got {lambda}"),
+            ));
+        }
+        self.pairs.push((loss, lambda));
+        Ok(self)
+    }
+
+    /// Adds a pair with weight `lambda` (panicking form of [`VidDistiller::f_push`]).
+    pub fn push(&mut self, loss: VidLoss, lambda: f64) -> &mut Self {
+        self.f_push(loss, lambda).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The number of pairs.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Whether there is no pair.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// The pairs and their weights.
+    pub fn pairs(&self) -> &[(VidLoss, f64)] {
+        &self.pairs
+    }
+
+    /// Each pair's unweighted loss (for logging); errors as [`VidDistiller::f_forward`].
+    pub fn f_forward_each(
+        &self,
+        students: &[Tensor],
+        teachers: &[Tensor],
+    ) -> Result<Vec<Tensor>, VidError> {
+        if students.len() != self.pairs.len() {
+            return Err(VidError::invalid(
+                "students",
+                format!(
+                    "{} student tensors for {} VID pairs",
+                    students.len(),
+                    self.pairs.len()
+                ),
+            ));
+        }
+        if teachers.len() != self.pairs.len() {
+            return Err(VidError::invalid(
+                "teachers",
+                format!(
+                    "{} teacher tensors for {} VID pairs",
+                    teachers.len(),
+                    self.pairs.len()
+                ),
+            ));
+        }
+        self.pairs
+            .iter()
+            .zip(students.iter().zip(teachers))
+            .enumerate()
+            .map(|(k, ((vid, _), (s, t)))| {
+                let loss = vid.f_forward(s, t).map_err(|e| match e {
+                    VidError::InvalidArgument { arg, message } => VidError::InvalidArgument {
+                        arg: if arg == "teacher" { "teachers" } else { "students" },
+                        message: format!("pair {k}: `{arg}`: {message}"),
+                    },
+                    other => other,
+                })?;
+                if loss.dim() != 0 {
+                    return Err(VidError::invalid(
+                        "students",
+                        format!("pair {k}: its loss is not reduced (Reduction::None); a distiller needs scalar losses"),
+                    ));
+                }
+                Ok(loss)
+            })
+            .collect()
+    }
+
+    /// The weighted sum `sum_k lambda_k * L_k` of the pairs' losses; `students[k]` and
+    /// `teachers[k]` go to pair `k`. Returns an error when the counts differ from the
+    /// number of pairs (or there is none), or a pair's shapes do not match (the message
+    /// names the pair).
+    pub fn f_forward(&self, students: &[Tensor], teachers: &[Tensor]) -> Result<Tensor, VidError> {
+        if self.pairs.is_empty() {
+            return Err(VidError::invalid("self", "the distiller has no VID pair"));
+        }
+        let losses = self.f_forward_each(students, teachers)?;
+        let mut total: Option<Tensor> = None;
+        for (loss, (_, lambda)) in losses.into_iter().zip(&self.pairs) {
+            let term = loss.f_mul_scalar(*lambda)?;
+            total = Some(match total {
+                None => term,
+                Some(acc) => acc.f_add(&term)?,
+            });
+        }
+        Ok(total.expect("at least one pair"))
+    }
+
+    /// The weighted sum of the pairs' losses (panicking form of [`VidDistiller::f_forward`]).
+    pub fn forward(&self, students: &[Tensor], teachers: &[Tensor]) -> Tensor {
+        self.f_forward(students, teachers)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}

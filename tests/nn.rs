@@ -1,0 +1,467 @@
+//! The VID modules: parameters, initial variance, pooling, gradients, save/load, training,
+//! and the multi-layer distiller. Expected values come from plain tch formulas.
+
+use std::collections::HashMap;
+
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+use vidfuse::nn::{VidConfig, VidDistiller, VidLoss};
+use vidfuse::{Reduction, VidError};
+
+const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+fn randn(shape: &[i64]) -> Tensor {
+    Tensor::randn(shape, F32)
+}
+
+/// Plain-tch VID loss (mean reduction), in f64.
+fn plain_loss(mean: &Tensor, target: &Tensor, log_scale: &Tensor, eps: f64) -> Tensor {
+    let mut view = vec![1i64; mean.dim()];
+    view[1] = -1;
+    let var = (log_scale.to_kind(Kind::Double).softplus() + eps).view(&view[..]);
+    let d = mean.to_kind(Kind::Double) - target.to_kind(Kind::Double);
+    ((d.square() / &var + var.log()) * 0.5).mean(Kind::Double)
+}
+
+/// Average pooling by an integer factor per dimension, by reshaping (independent of
+/// adaptive_avg_pool2d).
+fn pool_by(x: &Tensor, fh: i64, fw: i64) -> Tensor {
+    let s = x.size();
+    x.view([s[0], s[1], s[2] / fh, fh, s[3] / fw, fw])
+        .mean_dim(&[3i64, 5][..], false, Kind::Float)
+}
+
+fn close(a: &Tensor, b: &Tensor, tol: f64) -> bool {
+    let diff = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[]);
+    let scale = b
+        .to_kind(Kind::Double)
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(1.0);
+    diff <= tol * scale
+}
+
+fn shapes(vs: &nn::VarStore) -> HashMap<String, Vec<i64>> {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.size()))
+        .collect()
+}
+
+#[test]
+fn vid_i_registers_named_parameters_under_the_path() {
+    tch::manual_seed(1);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _vid = VidLoss::new(&vs.root() / "vid1", 6, 10, Default::default());
+    let expected: HashMap<String, Vec<i64>> = [
+        ("vid1.log_scale", vec![10]),
+        ("vid1.regressor.0.weight", vec![10, 6, 1, 1]),
+        ("vid1.regressor.2.weight", vec![10, 10, 1, 1]),
+        ("vid1.regressor.4.weight", vec![10, 10, 1, 1]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(shapes(&vs), expected);
+    assert_eq!(vs.trainable_variables().len(), 4);
+    let numel: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    assert_eq!(numel, 10 + 60 + 100 + 100);
+
+    // hidden width from the config; a second module under another path
+    let cfg = VidConfig {
+        hidden_channels: Some(7),
+        ..Default::default()
+    };
+    let _vid2 = VidLoss::new(vs.root() / "deep" / "vid2", 3, 5, cfg);
+    let s = shapes(&vs);
+    assert_eq!(s["deep.vid2.regressor.0.weight"], vec![7, 3, 1, 1]);
+    assert_eq!(s["deep.vid2.regressor.2.weight"], vec![7, 7, 1, 1]);
+    assert_eq!(s["deep.vid2.regressor.4.weight"], vec![5, 7, 1, 1]);
+    assert_eq!(s["deep.vid2.log_scale"], vec![5]);
+    assert_eq!(vs.len(), 8);
+}
+
+#[test]
+fn linear_and_vector_to_map_register_parameters() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let lp = VidLoss::linear(&vs.root() / "lp", 10, 24, Default::default());
+    let v2m = VidLoss::vector_to_map(&vs.root() / "v2m", 32, 6, (3, 5), Default::default());
+    let s = shapes(&vs);
+    assert_eq!(s["lp.regressor.weight"], vec![24, 10]);
+    assert_eq!(s["lp.regressor.bias"], vec![24]);
+    assert_eq!(s["lp.log_scale"], vec![24]);
+    assert_eq!(s["v2m.regressor.weight"], vec![6 * 3 * 5, 32]);
+    assert_eq!(s["v2m.regressor.bias"], vec![6 * 3 * 5]);
+    assert_eq!(s["v2m.log_scale"], vec![6]);
+    assert_eq!(vs.len(), 6);
+    assert_eq!(lp.regress(&randn(&[4, 10])).size(), vec![4, 24]);
+    assert_eq!(v2m.regress(&randn(&[4, 32])).size(), vec![4, 6, 3, 5]);
+    assert_eq!((lp.student_dim(), lp.teacher_dim()), (10, 24));
+}
+
+#[test]
+fn initial_variance_is_init_variance() {
+    for &v in &[5.0, 1.0, 0.1, 0.01, 37.5] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = VidConfig {
+            init_variance: v,
+            ..Default::default()
+        };
+        let vid = VidLoss::new(&vs.root() / "vid", 4, 9, cfg);
+        assert_eq!(vid.variance().size(), vec![9]);
+        assert_eq!(vid.variance().kind(), Kind::Float);
+        // independent: softplus in f64 of the stored parameter, + eps
+        let a = vid.log_scale().to_kind(Kind::Double);
+        let var = ((a.exp() + 1.0).log() + 1e-5).to_kind(Kind::Double);
+        let err = (var - v).abs().max().double_value(&[]);
+        assert!(err <= 1e-6 * v.max(1.0), "init {v}: off by {err}");
+        let reported = (vid.variance().to_kind(Kind::Double) - v)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            reported <= 1e-6 * v.max(1.0),
+            "variance() off by {reported}"
+        );
+    }
+    // the default is 5
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::linear(vs.root(), 3, 4, Default::default());
+    let var = vid.variance().to_kind(Kind::Double);
+    assert!((var - 5.0).abs().max().double_value(&[]) < 1e-6);
+}
+
+#[test]
+fn forward_matches_plain_formula_same_size() {
+    tch::manual_seed(2);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 5, 7, Default::default());
+    // move log_scale away from its constant init so channels differ
+    tch::no_grad(|| {
+        vid.log_scale().shallow_clone().copy_(&randn(&[7]));
+    });
+    let (s, t) = (randn(&[3, 5, 4, 6]), randn(&[3, 7, 4, 6]));
+    let got = vid.forward(&s, &t);
+    let want = plain_loss(&vid.regress(&s), &t, vid.log_scale(), 1e-5);
+    assert!(close(&got, &want, 1e-5), "{got:?} vs {want:?}");
+}
+
+#[test]
+fn larger_map_is_pooled_to_the_smaller_in_both_directions() {
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 4, 6, Default::default());
+    tch::no_grad(|| {
+        vid.log_scale().shallow_clone().copy_(&randn(&[6]));
+    });
+
+    // student larger (non-square): the student is pooled before the regressor
+    let (s, t) = (randn(&[2, 4, 8, 6]), randn(&[2, 6, 4, 3]));
+    let want = plain_loss(&vid.regress(&pool_by(&s, 2, 2)), &t, vid.log_scale(), 1e-5);
+    assert!(close(&vid.forward(&s, &t), &want, 1e-5));
+
+    // teacher larger: the teacher is pooled
+    let (s, t) = (randn(&[2, 4, 4, 3]), randn(&[2, 6, 8, 9]));
+    let want = plain_loss(&vid.regress(&s), &pool_by(&t, 2, 3), vid.log_scale(), 1e-5);
+    assert!(close(&vid.forward(&s, &t), &want, 1e-5));
+
+    // mixed: student taller, teacher wider -> both pooled to the per-dimension minimum
+    let (s, t) = (randn(&[2, 4, 8, 3]), randn(&[2, 6, 4, 6]));
+    let want = plain_loss(
+        &vid.regress(&pool_by(&s, 2, 1)),
+        &pool_by(&t, 1, 2),
+        vid.log_scale(),
+        1e-5,
+    );
+    assert!(close(&vid.forward(&s, &t), &want, 1e-5));
+
+    // per-element output has the pooled shape
+    let cfg = VidConfig {
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let vid_none = VidLoss::new(&vs.root() / "none", 4, 6, cfg);
+    assert_eq!(
+        vid_none
+            .forward(&randn(&[2, 4, 8, 6]), &randn(&[2, 6, 4, 3]))
+            .size(),
+        vec![2, 6, 4, 3]
+    );
+}
+
+#[test]
+fn vector_to_map_pools_teacher_or_prediction() {
+    tch::manual_seed(4);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::vector_to_map(&vs.root() / "v2m", 12, 3, (2, 2), Default::default());
+    let s = randn(&[5, 12]);
+    // teacher 4x4 -> pooled to the regressor's 2x2
+    let t = randn(&[5, 3, 4, 4]);
+    let want = plain_loss(&vid.regress(&s), &pool_by(&t, 2, 2), vid.log_scale(), 1e-5);
+    assert!(close(&vid.forward(&s, &t), &want, 1e-5));
+    // teacher 1x2 -> the prediction is pooled
+    let t = randn(&[5, 3, 1, 2]);
+    let want = plain_loss(&pool_by(&vid.regress(&s), 2, 1), &t, vid.log_scale(), 1e-5);
+    assert!(close(&vid.forward(&s, &t), &want, 1e-5));
+}
+
+#[test]
+fn linear_form_matches_plain_formula() {
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let cfg = VidConfig {
+        init_variance: 0.7,
+        eps: 1e-3,
+        ..Default::default()
+    };
+    let vid = VidLoss::linear(&vs.root() / "lp", 10, 16, cfg);
+    let (s, t) = (randn(&[9, 10]), randn(&[9, 16]));
+    let vars = vs.variables();
+    let mean = s.linear(
+        &vars["lp.regressor.weight"],
+        Some(&vars["lp.regressor.bias"]),
+    );
+    let want = plain_loss(&mean, &t, vid.log_scale(), 1e-3);
+    assert!(close(&vid.forward(&s, &t), &want, 1e-5));
+}
+
+#[test]
+fn gradients_reach_student_regressor_and_log_scale_never_teacher() {
+    tch::manual_seed(6);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 4, 6, Default::default());
+    tch::no_grad(|| {
+        vid.log_scale().shallow_clone().copy_(&randn(&[6]));
+    });
+    let s = randn(&[3, 4, 6, 6]).set_requires_grad(true);
+    let t = randn(&[3, 6, 3, 3]).set_requires_grad(true);
+    vid.forward(&s, &t).backward();
+    assert!(!t.grad().defined(), "the teacher received a gradient");
+    let s_grad = s.grad().copy();
+    assert!(s_grad.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+    let vars = vs.variables();
+    let mut names: Vec<_> = vars.keys().cloned().collect();
+    names.sort();
+    let got: Vec<Tensor> = names.iter().map(|n| vars[n].grad().copy()).collect();
+    for (n, g) in names.iter().zip(&got) {
+        assert!(
+            g.abs().sum(Kind::Double).double_value(&[]) > 0.0,
+            "{n} has no gradient"
+        );
+    }
+
+    // the same gradients from a plain-tch loss on the same parameters
+    for v in vars.values() {
+        let _ = v.grad().zero_();
+    }
+    let s2 = s.detach().set_requires_grad(true);
+    let mean = vid.regress(&s2.adaptive_avg_pool2d([3, 3]));
+    plain_loss(&mean, &t.detach(), vid.log_scale(), 1e-5).backward();
+    assert!(close(&s_grad, &s2.grad(), 1e-4));
+    for (n, g) in names.iter().zip(&got) {
+        assert!(close(g, &vars[n].grad(), 1e-4), "{n}: gradient differs");
+    }
+}
+
+#[test]
+fn varstore_save_load_round_trip() {
+    tch::manual_seed(7);
+    let dir = std::env::temp_dir().join(format!("vidfuse-nn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("vid.safetensors");
+
+    let vs1 = nn::VarStore::new(Device::Cpu);
+    let vid1 = VidLoss::new(&vs1.root() / "vid", 4, 6, Default::default());
+    let mut opt = nn::Adam::default().build(&vs1, 1e-2).unwrap();
+    let (s, t) = (randn(&[2, 4, 5, 5]), randn(&[2, 6, 5, 5]));
+    for _ in 0..3 {
+        opt.backward_step(&vid1.forward(&s, &t));
+    }
+    vs1.save(&file).unwrap();
+
+    tch::manual_seed(8);
+    let mut vs2 = nn::VarStore::new(Device::Cpu);
+    let vid2 = VidLoss::new(&vs2.root() / "vid", 4, 6, Default::default());
+    assert!(!close(&vid1.forward(&s, &t), &vid2.forward(&s, &t), 1e-6));
+    vs2.load(&file).unwrap();
+    let (v1, v2) = (vs1.variables(), vs2.variables());
+    for (k, a) in &v1 {
+        assert!(a.equal(&v2[k]), "{k} differs after load");
+    }
+    assert!(vid1.variance().equal(&vid2.variance()));
+    assert!(!vid2.variance().equal(&Tensor::full([6], 5.0, F32)));
+    assert!(close(&vid1.forward(&s, &t), &vid2.forward(&s, &t), 1e-7));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn optimizer_steps_reduce_the_loss() {
+    tch::manual_seed(9);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 8, 4, Default::default());
+    // a teacher that is a function of the student, plus a little noise
+    let s = randn(&[16, 8, 4, 4]);
+    let mix = randn(&[4, 8, 1, 1]);
+    let t = s.conv2d(&mix, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1) * 0.5
+        + randn(&[16, 4, 4, 4]) * 0.1;
+    let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
+    let first = vid.forward(&s, &t).double_value(&[]);
+    for _ in 0..60 {
+        opt.backward_step(&vid.forward(&s, &t));
+    }
+    let last = vid.forward(&s, &t).double_value(&[]);
+    assert!(last < first - 0.2, "loss went from {first} to {last}");
+    // the variance fell from 5 towards the residual's
+    assert!(vid.variance().max().double_value(&[]) < 5.0);
+}
+
+#[test]
+fn forward_errors_name_the_problem() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 4, 6, Default::default());
+    let msg = |r: Result<Tensor, VidError>| r.unwrap_err().to_string();
+    let e = msg(vid.f_forward(&randn(&[2, 3, 4, 4]), &randn(&[2, 6, 4, 4])));
+    assert!(e.contains("student") && e.contains("[N, 4, H, W]"), "{e}");
+    let e = msg(vid.f_forward(&randn(&[2, 4, 4, 4]), &randn(&[2, 5, 4, 4])));
+    assert!(e.contains("teacher") && e.contains("[N, 6, H, W]"), "{e}");
+    let e = msg(vid.f_forward(&randn(&[2, 4, 4]), &randn(&[2, 6, 4, 4])));
+    assert!(e.contains("student"), "{e}");
+    let e = msg(vid.f_forward(&randn(&[2, 4, 4, 4]), &randn(&[3, 6, 4, 4])));
+    assert!(e.contains("batch"), "{e}");
+    let int = Tensor::ones([2, 4, 4, 4], (Kind::Int64, Device::Cpu));
+    assert!(vid.f_forward(&int, &randn(&[2, 6, 4, 4])).is_err());
+
+    let lp = VidLoss::linear(&vs.root() / "lp", 3, 5, Default::default());
+    assert!(lp.f_forward(&randn(&[2, 3]), &randn(&[2, 6])).is_err());
+    assert!(lp
+        .f_forward(&randn(&[2, 3, 1, 1]), &randn(&[2, 5]))
+        .is_err());
+
+    let bad = |cfg: VidConfig| VidLoss::f_new(&vs.root() / "bad", 4, 6, cfg).is_err();
+    assert!(bad(VidConfig {
+        init_variance: 1e-6,
+        ..Default::default()
+    }));
+    assert!(bad(VidConfig {
+        eps: 0.0,
+        ..Default::default()
+    }));
+    assert!(bad(VidConfig {
+        hidden_channels: Some(0),
+        ..Default::default()
+    }));
+    assert!(VidLoss::f_new(&vs.root() / "bad", 0, 6, Default::default()).is_err());
+}
+
+#[test]
+#[should_panic(expected = "student")]
+fn forward_panics_on_bad_input() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(vs.root(), 4, 6, Default::default());
+    let _ = vid.forward(&randn(&[2, 5, 4, 4]), &randn(&[2, 6, 4, 4]));
+}
+
+#[test]
+fn distiller_is_the_weighted_sum() {
+    tch::manual_seed(10);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let (l0, l1) = (0.7, 2.5);
+    let d = VidDistiller::new(
+        &vs.root() / "vid",
+        &[(3, 5, l0), (4, 2, l1)],
+        Default::default(),
+    );
+    assert_eq!(d.len(), 2);
+    assert!(vs.variables().contains_key("vid.0.log_scale"));
+    assert!(vs.variables().contains_key("vid.1.regressor.4.weight"));
+    for (vid, _) in d.pairs() {
+        tch::no_grad(|| {
+            let n = vid.teacher_dim();
+            vid.log_scale().shallow_clone().copy_(&randn(&[n]));
+        });
+    }
+    let s = [randn(&[2, 3, 4, 4]), randn(&[2, 4, 6, 6])];
+    let t = [randn(&[2, 5, 4, 4]), randn(&[2, 2, 3, 3])];
+    let got = d.forward(&s, &t);
+    let p = d.pairs();
+    let want0 = plain_loss(&p[0].0.regress(&s[0]), &t[0], p[0].0.log_scale(), 1e-5);
+    let want1 = plain_loss(
+        &p[1].0.regress(&pool_by(&s[1], 2, 2)),
+        &t[1],
+        p[1].0.log_scale(),
+        1e-5,
+    );
+    let want = want0 * l0 + want1 * l1;
+    assert!(close(&got, &want, 1e-5), "{got:?} vs {want:?}");
+
+    // mixed kinds via push
+    let mut mixed = VidDistiller::empty();
+    mixed
+        .push(
+            VidLoss::new(&vs.root() / "m0", 3, 5, Default::default()),
+            1.0,
+        )
+        .push(
+            VidLoss::linear(&vs.root() / "m1", 10, 8, Default::default()),
+            0.5,
+        );
+    let loss = mixed.forward(
+        &[randn(&[2, 3, 4, 4]), randn(&[2, 10])],
+        &[randn(&[2, 5, 4, 4]), randn(&[2, 8])],
+    );
+    assert_eq!(loss.dim(), 0);
+    assert_eq!(
+        mixed
+            .f_forward_each(
+                &[randn(&[2, 3, 4, 4]), randn(&[2, 10])],
+                &[randn(&[2, 5, 4, 4]), randn(&[2, 8]),]
+            )
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn distiller_errors() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let d = VidDistiller::new(
+        &vs.root() / "vid",
+        &[(3, 5, 1.0), (4, 2, 1.0)],
+        Default::default(),
+    );
+    let s = [randn(&[2, 3, 4, 4]), randn(&[2, 4, 4, 4])];
+    let t = [randn(&[2, 5, 4, 4]), randn(&[2, 2, 4, 4])];
+    let e = d.f_forward(&s[..1], &t).unwrap_err().to_string();
+    assert!(e.contains("1 student tensors for 2 VID pairs"), "{e}");
+    let e = d.f_forward(&s, &t[..1]).unwrap_err().to_string();
+    assert!(e.contains("1 teacher tensors for 2 VID pairs"), "{e}");
+    // channel mismatch in pair 1 names the pair
+    let bad_t = [t[0].shallow_clone(), randn(&[2, 3, 4, 4])];
+    let e = d.f_forward(&s, &bad_t).unwrap_err().to_string();
+    assert!(e.contains("pair 1") && e.contains("[N, 2, H, W]"), "{e}");
+    let bad_s = [randn(&[2, 4, 4, 4]), s[1].shallow_clone()];
+    let e = d.f_forward(&bad_s, &t).unwrap_err().to_string();
+    assert!(e.contains("pair 0") && e.contains("[N, 3, H, W]"), "{e}");
+    assert!(VidDistiller::empty().f_forward(&[], &[]).is_err());
+    let cfg = VidConfig {
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    let none = VidDistiller::new(&vs.root() / "none", &[(3, 5, 1.0)], cfg);
+    assert!(none.f_forward(&s[..1], &t[..1]).is_err());
+    assert!(VidDistiller::empty()
+        .f_push(
+            VidLoss::linear(&vs.root() / "x", 2, 2, Default::default()),
+            f64::NAN
+        )
+        .is_err());
+}
