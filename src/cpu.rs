@@ -3,15 +3,19 @@
 //! Forward makes one pass over `mean` and `target` producing the per-channel sums of
 //! squared differences `Q_c`; the loss is an O(C) epilogue. Backward is one elementwise pass.
 //!
-//! Work is cut into fixed units that depend only on the shape (never on the thread count or
-//! on timing); each unit's partial result is stored by unit index and partials are combined
-//! in index order, so results are bitwise identical run to run and on any number of threads.
-//! Inside a unit, elements go through stack buffers of [`CHUNK`] values in the accumulation
-//! type (f32, or f64 for f64 inputs) with one accumulator per buffer slot, so the compiler
-//! vectorises the loops; slot accumulators are flushed into f64 every [`FLUSH_CHUNKS`] chunks.
+//! Every pass is an [`Op`] applied to each element by one walk over the tensors. Work is cut
+//! into fixed units that depend only on the shape (never on the thread count or on timing);
+//! each unit writes its partial sums to its own slots and slots are combined in index order,
+//! so results are bitwise identical run to run and on any number of threads. Sums are kept in
+//! the accumulation type (f32, or f64 for f64 inputs) in several independent lanes, so the
+//! loops vectorise, and flushed into f64 at least every [`FLUSH`] elements per lane. f32 and
+//! f64 are read and written in place; f16 and bf16 go through small conversion buffers.
+//! Where the CPU has AVX2, the same code is compiled a second time for it and chosen at run
+//! time (no fused multiply-add is introduced, so both give the same bits).
 
-use std::ops::{Add, Mul, Sub};
+use std::ops::{Add, Mul, Neg, Sub};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -23,25 +27,37 @@ use crate::math::ChannelParams;
 use crate::options::Reduction;
 use crate::validate::{Geometry, Layout, VidProblem};
 
-/// Elements per stack buffer.
-const CHUNK: usize = 256;
-/// Chunks accumulated in the working precision before flushing into f64.
-const FLUSH_CHUNKS: usize = 64;
+/// Elements converted at a time for 16-bit inputs, and the longest run handed to an op.
+const CHUNK: usize = 512;
+/// Independent accumulator lanes of a channels-first run.
+const LANES: usize = 16;
+/// Elements a lane (or a channels-last channel) accumulates before flushing into f64.
+const FLUSH: usize = 64;
 /// Target elements per unit of work.
 const UNIT_ELEMENTS: usize = 1 << 15;
-/// Channels-last units hold at least this many rows, bounding the per-unit partials to
-/// numel / 64 values.
+/// Channels-last units hold at least this many rows, bounding their partials to numel / 64.
 const MIN_UNIT_ROWS: usize = 64;
 /// Below this many elements, one thread does everything.
 const PARALLEL_THRESHOLD: usize = 1 << 16;
 
+// ---------------------------------------------------------------------------------------
+// Numeric types
+
 /// The arithmetic type elements are computed in.
 trait Acc:
-    Copy + Default + Send + Sync + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
+    Copy
+    + Default
+    + Send
+    + Sync
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Neg<Output = Self>
 {
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
 }
+
 macro_rules! impl_acc {
     ($($t:ty),*) => {$(
         impl Acc for $t {
@@ -56,150 +72,365 @@ macro_rules! impl_acc {
 }
 impl_acc!(f32, f64);
 
-/// A storage dtype: converts slices to and from its accumulation type.
+/// A storage dtype and its accumulation type.
 trait Element: Copy + Send + Sync + 'static {
     type Acc: Acc;
-    fn load(src: &[Self], dst: &mut [Self::Acc]);
-    fn store(src: &[Self::Acc], dst: &mut [Self]);
+    /// `src` in the accumulation type: `src` itself for f32/f64, else converted into `buf`.
+    fn view<'a>(src: &'a [Self], buf: &'a mut [Self::Acc; CHUNK]) -> &'a [Self::Acc];
+    /// Where to compute values destined for `dst`: `dst` itself for f32/f64, else `buf`.
+    fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [Self::Acc; CHUNK]) -> &'a mut [Self::Acc];
+    /// Moves values computed in `out_view`'s buffer into `dst` (nothing to do for f32/f64).
+    fn commit(buf: &[Self::Acc; CHUNK], dst: &mut [Self]);
 }
+
 /// f32 and f64 are their own accumulation types.
 macro_rules! impl_native_element {
     ($($t:ty),*) => {$(
         impl Element for $t {
             type Acc = $t;
-            fn load(src: &[$t], dst: &mut [$t]) {
-                dst.copy_from_slice(src)
+            #[inline(always)]
+            fn view<'a>(src: &'a [$t], _: &'a mut [$t; CHUNK]) -> &'a [$t] {
+                src
             }
-            fn store(src: &[$t], dst: &mut [$t]) {
-                dst.copy_from_slice(src)
+            #[inline(always)]
+            fn out_view<'a>(dst: &'a mut [$t], _: &'a mut [$t; CHUNK]) -> &'a mut [$t] {
+                dst
             }
+            #[inline(always)]
+            fn commit(_: &[$t; CHUNK], _: &mut [$t]) {}
         }
     )*};
 }
 impl_native_element!(f32, f64);
+
 impl Element for f16 {
     type Acc = f32;
-    fn load(src: &[f16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst)
+    #[inline(always)]
+    fn view<'a>(src: &'a [f16], buf: &'a mut [f32; CHUNK]) -> &'a [f32] {
+        let buf = &mut buf[..src.len()];
+        src.convert_to_f32_slice(buf); // F16C when the CPU has it
+        buf
     }
-    fn store(src: &[f32], dst: &mut [f16]) {
-        dst.convert_from_f32_slice(src)
+    #[inline(always)]
+    fn out_view<'a>(dst: &'a mut [f16], buf: &'a mut [f32; CHUNK]) -> &'a mut [f32] {
+        &mut buf[..dst.len()]
+    }
+    #[inline(always)]
+    fn commit(buf: &[f32; CHUNK], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(&buf[..dst.len()])
     }
 }
+
 impl Element for bf16 {
     type Acc = f32;
-    fn load(src: &[bf16], dst: &mut [f32]) {
+    #[inline(always)]
+    fn view<'a>(src: &'a [bf16], buf: &'a mut [f32; CHUNK]) -> &'a [f32] {
+        let buf = &mut buf[..src.len()];
         // Exact: bf16 is the top half of an f32 (this form vectorises).
-        for (d, s) in dst.iter_mut().zip(src) {
+        for (d, s) in buf.iter_mut().zip(src) {
             *d = f32::from_bits((s.to_bits() as u32) << 16);
         }
+        buf
     }
-    fn store(src: &[f32], dst: &mut [bf16]) {
-        dst.convert_from_f32_slice(src)
+    #[inline(always)]
+    fn out_view<'a>(dst: &'a mut [bf16], buf: &'a mut [f32; CHUNK]) -> &'a mut [f32] {
+        &mut buf[..dst.len()]
+    }
+    #[inline(always)]
+    fn commit(buf: &[f32; CHUNK], dst: &mut [bf16]) {
+        // Round to nearest even on the bits (vectorises); NaN stays a quiet NaN.
+        for (d, &v) in dst.iter_mut().zip(buf) {
+            let x = v.to_bits();
+            let rounded = ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+            let bits = if v.is_nan() {
+                ((x >> 16) as u16) | 0x40
+            } else {
+                rounded
+            };
+            *d = bf16::from_bits(bits);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ops: what a pass does per element
+
+/// Per-channel parameters of an op, one value per channel each.
+struct ChannelValues<A> {
+    first: Vec<A>,
+    second: Vec<A>,
+}
+
+impl<A: Acc> ChannelValues<A> {
+    /// One parameter per channel (the second is unused, zero).
+    fn single(first: impl Iterator<Item = f64>) -> Self {
+        let first: Vec<A> = first.map(A::from_f64).collect();
+        ChannelValues {
+            second: vec![A::default(); first.len()],
+            first,
+        }
+    }
+
+    fn new(first: impl Iterator<Item = f64>, second: impl Iterator<Item = f64>) -> Self {
+        ChannelValues {
+            first: first.map(A::from_f64).collect(),
+            second: second.map(A::from_f64).collect(),
+        }
+    }
+}
+
+/// What a pass computes per element.
+trait Op<A: Acc>: Sync {
+    /// Per-channel sums the op accumulates (0, 1 or 2).
+    const SUMS: usize;
+    /// Whether the op reads a per-element upstream gradient.
+    const READS_UPSTREAM: bool;
+    /// Whether the op writes a per-element result.
+    const WRITES: bool;
+    /// Given the channel's two parameters, mean, target and upstream values: the result and
+    /// the additions to the (up to two) sums.
+    fn step(p: A, q: A, m: A, t: A, g: A) -> (A, A, A);
+}
+
+/// `Q_c += d^2`.
+struct SumSq;
+impl<A: Acc> Op<A> for SumSq {
+    const SUMS: usize = 1;
+    const READS_UPSTREAM: bool = false;
+    const WRITES: bool = false;
+    #[inline(always)]
+    fn step(_: A, _: A, m: A, t: A, _: A) -> (A, A, A) {
+        let d = m - t;
+        (A::default(), d * d, A::default())
+    }
+}
+
+/// Per-element loss `p d^2 + q` (p = 0.5 / var, q = 0.5 ln var + constant).
+struct ElementLoss;
+impl<A: Acc> Op<A> for ElementLoss {
+    const SUMS: usize = 0;
+    const READS_UPSTREAM: bool = false;
+    const WRITES: bool = true;
+    #[inline(always)]
+    fn step(p: A, q: A, m: A, t: A, _: A) -> (A, A, A) {
+        let d = m - t;
+        (p * d * d + q, A::default(), A::default())
+    }
+}
+
+/// Gradient of mean for Mean/Sum: `p d` (p = g k / var).
+struct ScaledDifference;
+impl<A: Acc> Op<A> for ScaledDifference {
+    const SUMS: usize = 0;
+    const READS_UPSTREAM: bool = false;
+    const WRITES: bool = true;
+    #[inline(always)]
+    fn step(p: A, _: A, m: A, t: A, _: A) -> (A, A, A) {
+        (p * (m - t), A::default(), A::default())
+    }
+}
+
+/// Gradient of mean for None: `G d p` (p = 1 / var), with `R1 += G`, `R2 += G d^2`.
+struct NoneBackward;
+impl<A: Acc> Op<A> for NoneBackward {
+    const SUMS: usize = 2;
+    const READS_UPSTREAM: bool = true;
+    const WRITES: bool = true;
+    #[inline(always)]
+    fn step(p: A, _: A, m: A, t: A, g: A) -> (A, A, A) {
+        let d = m - t;
+        (g * d * p, g, g * d * d)
+    }
+}
+
+/// Applies `O` to a run of elements: element j has parameters `p[j]`, `q[j]`. All slices
+/// have the run's length (`up`, `out` and the sums only where the op uses them).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn apply<A: Acc, O: Op<A>>(
+    p: &[A],
+    q: &[A],
+    m: &[A],
+    t: &[A],
+    up: &[A],
+    out: &mut [A],
+    sum0: &mut [A],
+    sum1: &mut [A],
+) {
+    let n = m.len();
+    let (p, q, m, t) = (&p[..n], &q[..n], &m[..n], &t[..n]);
+    let up = if O::READS_UPSTREAM { &up[..n] } else { m };
+    let out = if O::WRITES {
+        &mut out[..n]
+    } else {
+        &mut [][..]
+    };
+    let sum0 = if O::SUMS > 0 {
+        &mut sum0[..n]
+    } else {
+        &mut [][..]
+    };
+    let sum1 = if O::SUMS > 1 {
+        &mut sum1[..n]
+    } else {
+        &mut [][..]
+    };
+    for j in 0..n {
+        let (r, a0, a1) = O::step(p[j], q[j], m[j], t[j], up[j]);
+        if O::WRITES {
+            out[j] = r;
+        }
+        if O::SUMS > 0 {
+            sum0[j] = sum0[j] + a0;
+        }
+        if O::SUMS > 1 {
+            sum1[j] = sum1[j] + a1;
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Work decomposition
 
-/// A unit of work: a run of elements that share a channel (channels-first), or a block of
-/// whole rows of C (channels-last).
-#[derive(Clone, Copy)]
+/// A unit of work. Channels-first: rows `rows` of `(n, c)` rows (all of each row), or one
+/// row's elements `begin..end` (a long row cut into parts). Channels-last: rows `rows` of C.
+#[derive(Clone, Debug)]
 struct Unit {
-    /// Index of the first element.
-    start: usize,
-    /// Number of elements.
-    len: usize,
-    /// The channel of every element (channels-first); unused for channels-last.
-    channel: usize,
+    index: usize,
+    rows: std::ops::Range<usize>,
+    part: usize,
+    begin: usize,
+    end: usize,
 }
 
-/// The fixed decomposition of a problem into units.
+/// The fixed decomposition of a problem into units, and where their partial sums go.
 struct Plan {
     geometry: Geometry,
-    /// Channels-first: units per `(n, c)` row.
-    units_per_row: usize,
-    /// Channels-last: rows of C per unit.
+    /// Channels-first: parts per row (1 unless rows are longer than a unit).
+    parts_per_row: usize,
     rows_per_unit: usize,
     units: usize,
 }
 
 impl Plan {
     fn new(geometry: Geometry) -> Plan {
-        let rows = geometry.batch * geometry.inner;
-        match geometry.layout {
-            Layout::ChannelsFirst => {
-                let units_per_row = geometry.inner.div_ceil(UNIT_ELEMENTS);
-                Plan {
-                    geometry,
-                    units_per_row,
-                    rows_per_unit: 0,
-                    units: geometry.batch * geometry.channels * units_per_row,
-                }
+        let rows = geometry.batch
+            * match geometry.layout {
+                Layout::ChannelsFirst => geometry.channels,
+                Layout::ChannelsLast => geometry.inner,
+            };
+        let (parts_per_row, rows_per_unit) = match geometry.layout {
+            Layout::ChannelsFirst if geometry.inner > UNIT_ELEMENTS => {
+                (geometry.inner.div_ceil(UNIT_ELEMENTS), 1)
             }
-            Layout::ChannelsLast => {
-                let rows_per_unit = UNIT_ELEMENTS.div_ceil(geometry.channels).max(MIN_UNIT_ROWS);
-                Plan {
-                    geometry,
-                    units_per_row: 0,
-                    rows_per_unit,
-                    units: rows.div_ceil(rows_per_unit),
-                }
-            }
+            Layout::ChannelsFirst => (1, (UNIT_ELEMENTS / geometry.inner).max(1)),
+            Layout::ChannelsLast => (
+                1,
+                UNIT_ELEMENTS.div_ceil(geometry.channels).max(MIN_UNIT_ROWS),
+            ),
+        };
+        let units = if parts_per_row > 1 {
+            rows * parts_per_row
+        } else {
+            rows.div_ceil(rows_per_unit)
+        };
+        Plan {
+            geometry,
+            parts_per_row,
+            rows_per_unit,
+            units,
         }
     }
 
-    fn unit(&self, u: usize) -> Unit {
-        let g = &self.geometry;
-        match g.layout {
-            Layout::ChannelsFirst => {
-                let (row, part) = (u / self.units_per_row, u % self.units_per_row);
-                let offset = part * UNIT_ELEMENTS;
-                Unit {
-                    start: row * g.inner + offset,
-                    len: (g.inner - offset).min(UNIT_ELEMENTS),
-                    channel: row % g.channels,
-                }
-            }
-            Layout::ChannelsLast => {
-                let rows = g.batch * g.inner;
-                let first = u * self.rows_per_unit;
-                let count = (rows - first).min(self.rows_per_unit);
-                Unit {
-                    start: first * g.channels,
-                    len: count * g.channels,
-                    channel: 0,
-                }
-            }
-        }
+    fn rows(&self) -> usize {
+        self.geometry.numel() / self.row_len()
     }
 
-    /// Number of per-channel partial slots each unit writes.
-    fn partial_width(&self) -> usize {
+    fn row_len(&self) -> usize {
         match self.geometry.layout {
-            Layout::ChannelsFirst => 1,
+            Layout::ChannelsFirst => self.geometry.inner,
             Layout::ChannelsLast => self.geometry.channels,
         }
     }
 
-    /// Runs `work(unit_index, unit)` for every unit, on all cores when it pays.
-    fn for_each_unit(&self, work: impl Fn(usize, Unit) + Sync) {
+    fn unit(&self, index: usize) -> Unit {
+        let row_len = self.row_len();
+        if self.parts_per_row > 1 {
+            let (row, part) = (index / self.parts_per_row, index % self.parts_per_row);
+            let begin = part * UNIT_ELEMENTS;
+            let end = (begin + UNIT_ELEMENTS).min(row_len);
+            return Unit {
+                index,
+                rows: row..row + 1,
+                part,
+                begin,
+                end,
+            };
+        }
+        let first = index * self.rows_per_unit;
+        let last = (first + self.rows_per_unit).min(self.rows());
+        Unit {
+            index,
+            rows: first..last,
+            part: 0,
+            begin: 0,
+            end: row_len,
+        }
+    }
+
+    /// Partial-sum slots per sum: one per (row, part) channels-first, C per unit channels-last.
+    fn slots(&self) -> usize {
+        match self.geometry.layout {
+            Layout::ChannelsFirst => self.rows() * self.parts_per_row,
+            Layout::ChannelsLast => self.units * self.geometry.channels,
+        }
+    }
+
+    /// Adds one plane of partials into per-channel f64 sums, in slot order.
+    fn combine(&self, plane: &[f64]) -> Vec<f64> {
+        let channels = self.geometry.channels;
+        let mut sums = vec![0.0f64; channels];
+        match self.geometry.layout {
+            Layout::ChannelsFirst => {
+                for (slot, v) in plane.iter().enumerate() {
+                    sums[(slot / self.parts_per_row) % channels] += v;
+                }
+            }
+            Layout::ChannelsLast => {
+                for unit in plane.chunks_exact(channels) {
+                    sums.iter_mut().zip(unit).for_each(|(s, v)| *s += v);
+                }
+            }
+        }
+        sums
+    }
+
+    /// Runs `work` on every unit, on all cores when it pays.
+    fn for_each_unit<W: UnitWork>(&self, work: &W) {
         let threads = if self.geometry.numel() < PARALLEL_THRESHOLD {
             1
         } else {
             worker_threads()
         };
-        // Hand out runs of units totalling about UNIT_ELEMENTS, to keep tiny units cheap.
+        // Hand out runs of units totalling about UNIT_ELEMENTS, to keep small units cheap.
         let unit_len = (self.geometry.numel() / self.units).max(1);
         let batch = (UNIT_ELEMENTS / unit_len).max(1);
+        let avx2 = has_avx2();
         let next = AtomicUsize::new(0);
         let worker = || loop {
             let first = next.fetch_add(batch, Ordering::Relaxed);
             if first >= self.units {
                 break;
             }
-            for u in first..(first + batch).min(self.units) {
-                work(u, self.unit(u));
+            for index in first..(first + batch).min(self.units) {
+                let unit = self.unit(index);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 (checked at run time).
+                    unsafe { run_avx2(work, &unit) };
+                    continue;
+                }
+                work.run(&unit);
             }
         };
         if threads <= 1 {
@@ -213,349 +444,327 @@ impl Plan {
             });
         }
     }
-
-    /// Adds per-unit partials (`width` values each) into per-channel f64 sums, in unit order.
-    fn combine(&self, partials: &[f64], sums: &mut [f64]) {
-        let width = self.partial_width();
-        for u in 0..self.units {
-            let part = &partials[u * width..(u + 1) * width];
-            match self.geometry.layout {
-                Layout::ChannelsFirst => sums[self.unit(u).channel] += part[0],
-                Layout::ChannelsLast => sums.iter_mut().zip(part).for_each(|(s, p)| *s += p),
-            }
-        }
-    }
 }
 
 fn worker_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static THREADS: OnceLock<usize> = OnceLock::new();
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The work of a pass on one unit.
+trait UnitWork: Sync {
+    fn run(&self, unit: &Unit);
+}
+
+/// The same work compiled for AVX2 (the loops it inlines get 256-bit vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_avx2<W: UnitWork>(work: &W, unit: &Unit) {
+    work.run(unit)
+}
+
 /// A raw pointer that units write through at disjoint ranges.
-#[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 impl<T> SharedMut<T> {
+    fn new(slice: &mut [T]) -> Self {
+        SharedMut(slice.as_mut_ptr())
+    }
     /// SAFETY: the caller guarantees `start..start + len` is in bounds and that no other
     /// live slice overlaps it.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+    unsafe fn slice<'x>(self, start: usize, len: usize) -> &'x mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// The per-unit loop: walks a unit chunk by chunk, converting K inputs into stack buffers in
-// the accumulation type, and hands each chunk to a body together with a mutable state.
+// A pass: one op over every element
 
-/// One chunk of a unit.
-struct Chunk<'a, A, const K: usize> {
-    /// The chunk's elements of each input, converted.
-    inputs: [&'a [A]; K],
-    /// Index of the chunk's first element in the whole tensor.
-    at: usize,
-    /// Per-channel slots of the chunk's elements: `slot..slot + len` (see [`Slots`]).
-    slot: usize,
+/// The tensors of a pass. `upstream` is empty unless the op reads it.
+struct Walk<'a, E: Element, O> {
+    plan: &'a Plan,
+    params: &'a ChannelValues<E::Acc>,
+    mean: &'a [E],
+    target: &'a [E],
+    upstream: &'a [E],
+    out: Option<SharedMut<E>>,
+    out_negated: Option<SharedMut<E>>,
+    /// `O::SUMS` planes of `plan.slots()` partial sums.
+    partials: SharedMut<f64>,
+    op: std::marker::PhantomData<O>,
 }
 
-impl<A, const K: usize> Chunk<'_, A, K> {
-    fn len(&self) -> usize {
-        self.inputs[0].len()
+impl<E: Element, O: Op<E::Acc>> UnitWork for Walk<'_, E, O> {
+    #[inline(always)]
+    fn run(&self, unit: &Unit) {
+        // Conversion buffers, initialised once per unit (not per chunk).
+        let mut bufs = [[E::Acc::default(); CHUNK]; 5];
+        match self.plan.geometry.layout {
+            Layout::ChannelsFirst => self.channels_first(unit, &mut bufs),
+            Layout::ChannelsLast => self.channels_last(unit, &mut bufs),
+        }
     }
 }
 
-/// Walks `unit` in chunks of at most CHUNK elements that never straddle a channels-last row.
-/// `flush` runs every FLUSH_CHUNKS chunks and at the end.
-fn walk_unit<E: Element, S, const K: usize>(
-    geometry: &Geometry,
-    inputs: [&[E]; K],
-    unit: Unit,
-    state: &mut S,
-    mut body: impl FnMut(&mut S, Chunk<'_, E::Acc, K>),
-    mut flush: impl FnMut(&mut S),
-) {
-    let mut buffers = [[E::Acc::default(); CHUNK]; K];
-    let row_len = match geometry.layout {
-        Layout::ChannelsFirst => unit.len,
-        Layout::ChannelsLast => geometry.channels,
-    };
-    let mut offset = 0;
-    let mut chunks = 0;
-    while offset < unit.len {
-        let in_row = offset % row_len;
-        let len = (row_len - in_row).min(CHUNK);
-        let at = unit.start + offset;
-        for (buffer, input) in buffers.iter_mut().zip(inputs) {
-            E::load(&input[at..at + len], &mut buffer[..len]);
-        }
-        let slot = match geometry.layout {
-            Layout::ChannelsFirst => 0,
-            Layout::ChannelsLast => in_row,
+/// Stack buffers of a unit: mean, target, upstream, output, negated output.
+type Buffers<A> = [[A; CHUNK]; 5];
+
+/// The per-element views of one chunk (at most CHUNK elements) of a pass.
+struct ChunkIo<'b, A> {
+    m: &'b [A],
+    t: &'b [A],
+    up: &'b [A],
+    out: &'b mut [A],
+}
+
+impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
+    /// Converts (or borrows) the inputs of elements `at..at + n`, lets `body` compute the
+    /// results into the output view, then stores them (and their negation).
+    #[inline(always)]
+    fn chunk(
+        &self,
+        bufs: &mut Buffers<E::Acc>,
+        at: usize,
+        n: usize,
+        body: impl FnOnce(ChunkIo<'_, E::Acc>),
+    ) {
+        let [mb, tb, ub, ob, nb] = bufs;
+        let m = E::view(&self.mean[at..at + n], mb);
+        let t = E::view(&self.target[at..at + n], tb);
+        let up = if O::READS_UPSTREAM {
+            E::view(&self.upstream[at..at + n], ub)
+        } else {
+            m
         };
-        body(
-            state,
-            Chunk {
-                inputs: std::array::from_fn(|k| &buffers[k][..len]),
-                at,
-                slot,
-            },
-        );
-        offset += len;
-        chunks += 1;
-        if chunks % FLUSH_CHUNKS == 0 {
-            flush(state);
-        }
-    }
-    flush(state);
-}
-
-/// Per-slot values: channels-first units use CHUNK slots that all belong to the unit's
-/// channel; channels-last units use one slot per channel.
-fn slot_count(geometry: &Geometry) -> usize {
-    match geometry.layout {
-        Layout::ChannelsFirst => CHUNK,
-        Layout::ChannelsLast => geometry.channels,
-    }
-}
-
-/// Per-slot channel parameters for one unit: the unit's channel value repeated, or the
-/// per-channel values themselves.
-fn unit_params<A: Acc>(geometry: &Geometry, per_channel: &[A], unit: &Unit) -> Vec<A> {
-    match geometry.layout {
-        Layout::ChannelsFirst => vec![per_channel[unit.channel]; CHUNK],
-        Layout::ChannelsLast => per_channel.to_vec(),
-    }
-}
-
-/// K per-slot sums for one unit, accumulated in the working precision and flushed into f64.
-struct SlotSums<A, const K: usize> {
-    working: [Vec<A>; K],
-    total: [Vec<f64>; K],
-}
-
-impl<A: Acc, const K: usize> SlotSums<A, K> {
-    fn new(slots: usize) -> Self {
-        SlotSums {
-            working: std::array::from_fn(|_| vec![A::default(); slots]),
-            total: std::array::from_fn(|_| vec![0.0; slots]),
+        // SAFETY (here and for the negated output): units cover disjoint element ranges.
+        let mut dst = self
+            .out
+            .filter(|_| O::WRITES)
+            .map(|o| unsafe { o.slice(at, n) });
+        let out = match dst.as_deref_mut() {
+            Some(d) => E::out_view(d, ob),
+            None => &mut ob[..n],
+        };
+        body(ChunkIo {
+            m,
+            t,
+            up,
+            out: &mut *out,
+        });
+        self.store_negated(at, out, nb);
+        if let Some(d) = dst {
+            E::commit(ob, d);
         }
     }
 
-    fn flush(&mut self) {
-        for (total, working) in self.total.iter_mut().zip(self.working.iter_mut()) {
-            for (t, w) in total.iter_mut().zip(working.iter_mut()) {
-                *t += w.to_f64();
-                *w = A::default();
+    /// Writes `-values` to the negated output, if any.
+    #[inline(always)]
+    fn store_negated(&self, at: usize, values: &[E::Acc], buf: &mut [E::Acc; CHUNK]) {
+        if let Some(neg) = self.out_negated.filter(|_| O::WRITES) {
+            let dst = unsafe { neg.slice(at, values.len()) };
+            for (d, &v) in E::out_view(dst, buf).iter_mut().zip(values) {
+                *d = -v;
             }
+            E::commit(buf, unsafe { neg.slice(at, values.len()) });
         }
     }
 
-    /// Writes the unit's partials, K groups of `plan.partial_width()` values.
-    fn write_partials(&self, layout: Layout, out: &mut [f64]) {
-        let width = out.len() / K;
-        for (k, total) in self.total.iter().enumerate() {
-            let part = &mut out[k * width..(k + 1) * width];
-            match layout {
-                Layout::ChannelsFirst => part[0] = total.iter().sum(),
-                Layout::ChannelsLast => part.copy_from_slice(total),
-            }
+    /// Writes one slot of each of the op's partial-sum planes.
+    #[inline(always)]
+    fn write_partials(&self, slot: usize, totals: &[f64]) {
+        let slots = self.plan.slots();
+        for (k, total) in totals.iter().enumerate().take(O::SUMS) {
+            // SAFETY: each slot belongs to one unit.
+            unsafe { self.partials.slice(k * slots + slot, 1)[0] = *total };
         }
     }
-}
 
-/// Runs a reducing pass: `body` adds into the K slot sums of each unit; returns K per-channel
-/// f64 sums combined in unit order.
-fn reduce_pass<E: Element, const I: usize, const K: usize>(
-    plan: &Plan,
-    inputs: [&[E]; I],
-    body: impl Fn(&mut SlotSums<E::Acc, K>, &Unit, Chunk<'_, E::Acc, I>) + Sync,
-) -> [Vec<f64>; K] {
-    let g = plan.geometry;
-    let width = plan.partial_width();
-    let mut partials = vec![0.0f64; plan.units * width * K];
-    let out = SharedMut(partials.as_mut_ptr());
-    plan.for_each_unit(|u, unit| {
-        let mut sums = SlotSums::<E::Acc, K>::new(slot_count(&g));
-        walk_unit(
-            &g,
-            inputs,
-            unit,
-            &mut sums,
-            |s, chunk| body(s, &unit, chunk),
-            SlotSums::flush,
-        );
-        // SAFETY: unit u owns partials[u * width * K..(u + 1) * width * K].
-        sums.write_partials(g.layout, unsafe { out.slice(u * width * K, width * K) });
-    });
-    std::array::from_fn(|k| {
-        let mut sums = vec![0.0f64; g.channels];
-        let group: Vec<f64> = (0..plan.units)
-            .flat_map(|u| {
-                partials[(u * K + k) * width..(u * K + k + 1) * width]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        plan.combine(&group, &mut sums);
-        sums
-    })
-}
-
-/// Per-channel `Q_c = sum (mean - target)^2`.
-fn channel_sumsq<E: Element>(plan: &Plan, mean: &[E], target: &[E]) -> Vec<f64> {
-    let [q] = reduce_pass::<E, 2, 1>(plan, [mean, target], |sums, _, chunk| {
-        let [m, t] = chunk.inputs;
-        let acc = &mut sums.working[0][chunk.slot..chunk.slot + chunk.len()];
-        for ((a, &m), &t) in acc.iter_mut().zip(m).zip(t) {
-            let d = m - t;
-            *a = *a + d * d;
-        }
-    });
-    q
-}
-
-/// Output tensors written element by element, at the positions of the inputs.
-struct Outputs<E> {
-    first: Option<SharedMut<E>>,
-    /// Receives the negation of what `first` receives.
-    negated: Option<SharedMut<E>>,
-}
-
-impl<E: Element> Outputs<E> {
-    /// Stores `values` (and their negation) at element `at`.
-    fn store(&self, values: &mut [E::Acc], at: usize) {
-        let n = values.len();
-        // SAFETY: units cover disjoint element ranges, and each output spans all elements.
-        if let Some(first) = self.first {
-            E::store(values, unsafe { first.slice(at, n) });
-        }
-        if let Some(negated) = self.negated {
-            for v in values.iter_mut() {
-                *v = E::Acc::default() - *v;
-            }
-            E::store(values, unsafe { negated.slice(at, n) });
-        }
-    }
-}
-
-/// `out = k_c * (mean - target)` and/or its negation, per element.
-fn scaled_difference<E: Element>(
-    plan: &Plan,
-    mean: &[E],
-    target: &[E],
-    scale: &[f64],
-    outputs: Outputs<E>,
-) {
-    let g = plan.geometry;
-    let scale: Vec<E::Acc> = scale.iter().map(|&v| E::Acc::from_f64(v)).collect();
-    plan.for_each_unit(|_, unit| {
-        let params = unit_params(&g, &scale, &unit);
-        let mut out = [E::Acc::default(); CHUNK];
-        walk_unit(
-            &g,
-            [mean, target],
-            unit,
-            &mut (),
-            |_, chunk| {
-                let [m, t] = chunk.inputs;
-                let n = chunk.len();
-                let k = &params[chunk.slot..chunk.slot + n];
-                for (((o, &m), &t), &k) in out.iter_mut().zip(m).zip(t).zip(k) {
-                    *o = k * (m - t);
+    /// Channels-first: each row (part) is one channel; LANES accumulators per sum.
+    #[inline(always)]
+    fn channels_first(&self, unit: &Unit, bufs: &mut Buffers<E::Acc>) {
+        let g = &self.plan.geometry;
+        for row in unit.rows.clone() {
+            let c = row % g.channels;
+            let (p, q) = (
+                [self.params.first[c]; LANES],
+                [self.params.second[c]; LANES],
+            );
+            let mut lanes = [[E::Acc::default(); LANES]; 2];
+            let mut totals = [0.0f64; 2];
+            let (mut at, end) = (row * g.inner + unit.begin, row * g.inner + unit.end);
+            let mut since_flush = 0;
+            while at < end {
+                let n = CHUNK.min(end - at);
+                self.chunk(bufs, at, n, |io| {
+                    let [l0, l1] = &mut lanes;
+                    let full = n / LANES * LANES;
+                    let mut b = 0;
+                    while b < full {
+                        let r = b..b + LANES;
+                        let up = if O::READS_UPSTREAM {
+                            &io.up[r.clone()]
+                        } else {
+                            io.m
+                        };
+                        let out = if O::WRITES {
+                            &mut io.out[r.clone()]
+                        } else {
+                            &mut [][..]
+                        };
+                        apply::<_, O>(&p, &q, &io.m[r.clone()], &io.t[r], up, out, l0, l1);
+                        b += LANES;
+                    }
+                    if b < n {
+                        let r = b..n;
+                        let up = if O::READS_UPSTREAM {
+                            &io.up[r.clone()]
+                        } else {
+                            io.m
+                        };
+                        let out = if O::WRITES {
+                            &mut io.out[r.clone()]
+                        } else {
+                            &mut [][..]
+                        };
+                        apply::<_, O>(&p, &q, &io.m[r.clone()], &io.t[r], up, out, l0, l1);
+                    }
+                });
+                at += n;
+                since_flush += n;
+                if O::SUMS > 0 && (since_flush >= FLUSH * LANES || at == end) {
+                    flush(&mut lanes, &mut totals);
+                    since_flush = 0;
                 }
-                outputs.store(&mut out[..n], chunk.at);
-            },
-            |_| {},
-        );
-    });
-}
+            }
+            if O::SUMS > 0 {
+                self.write_partials(row * self.plan.parts_per_row + unit.part, &totals);
+            }
+        }
+    }
 
-/// Per-element loss `l = a_c * (mean - target)^2 + b_c`.
-fn elementwise_loss<E: Element>(
-    plan: &Plan,
-    mean: &[E],
-    target: &[E],
-    a: &[f64],
-    b: &[f64],
-    out: &mut [E],
-) {
-    let g = plan.geometry;
-    let a: Vec<E::Acc> = a.iter().map(|&v| E::Acc::from_f64(v)).collect();
-    let b: Vec<E::Acc> = b.iter().map(|&v| E::Acc::from_f64(v)).collect();
-    let outputs = Outputs {
-        first: Some(SharedMut(out.as_mut_ptr())),
-        negated: None,
-    };
-    plan.for_each_unit(|_, unit| {
-        let (pa, pb) = (unit_params(&g, &a, &unit), unit_params(&g, &b, &unit));
-        let mut buf = [E::Acc::default(); CHUNK];
-        walk_unit(
-            &g,
-            [mean, target],
-            unit,
-            &mut (),
-            |_, chunk| {
-                let [m, t] = chunk.inputs;
-                let n = chunk.len();
-                let (pa, pb) = (
-                    &pa[chunk.slot..chunk.slot + n],
-                    &pb[chunk.slot..chunk.slot + n],
+    /// Channels-last: rows of C, walked as tiles of whole rows (C <= CHUNK) or as pieces of a
+    /// row; the parameters and accumulators are laid out like a tile, so every loop is
+    /// contiguous.
+    #[inline(always)]
+    fn channels_last(&self, unit: &Unit, bufs: &mut Buffers<E::Acc>) {
+        let channels = self.plan.geometry.channels;
+        let tile = if channels <= CHUNK {
+            CHUNK / channels * channels
+        } else {
+            channels
+        };
+        let repeat =
+            |v: &[E::Acc]| -> Vec<E::Acc> { v.iter().copied().cycle().take(tile).collect() };
+        let (tp, tq) = (repeat(&self.params.first), repeat(&self.params.second));
+        let sums = if O::SUMS > 0 { tile } else { 0 };
+        let mut work = [vec![E::Acc::default(); sums], vec![E::Acc::default(); sums]];
+        let mut totals = [vec![0.0f64; channels], vec![0.0f64; channels]];
+        let (mut at, end) = (unit.rows.start * channels, unit.rows.end * channels);
+        let mut passes = 0;
+        while at < end {
+            let offset = (at - unit.rows.start * channels) % tile;
+            let n = CHUNK.min(tile - offset).min(end - at);
+            let r = offset..offset + n;
+            self.chunk(bufs, at, n, |io| {
+                let [w0, w1] = &mut work;
+                let (w0, w1) = if O::SUMS > 0 {
+                    (&mut w0[r.clone()], &mut w1[r.clone()])
+                } else {
+                    (&mut [][..], &mut [][..])
+                };
+                apply::<_, O>(
+                    &tp[r.clone()],
+                    &tq[r.clone()],
+                    io.m,
+                    io.t,
+                    io.up,
+                    io.out,
+                    w0,
+                    w1,
                 );
-                for ((((o, &m), &t), &a), &b) in buf.iter_mut().zip(m).zip(t).zip(pa).zip(pb) {
-                    let d = m - t;
-                    *o = a * d * d + b;
+            });
+            at += n;
+            if offset + n == tile {
+                passes += 1;
+            }
+            if O::SUMS > 0 && (passes == FLUSH || at == end) {
+                for (total, w) in totals.iter_mut().zip(work.iter_mut()).take(O::SUMS) {
+                    for (i, v) in w.iter_mut().enumerate() {
+                        total[i % channels] += v.to_f64();
+                        *v = E::Acc::default();
+                    }
                 }
-                outputs.store(&mut buf[..n], chunk.at);
-            },
-            |_| {},
-        );
-    });
+                passes = 0;
+            }
+        }
+        if O::SUMS > 0 {
+            let slots = self.plan.slots();
+            for (k, total) in totals.iter().enumerate().take(O::SUMS) {
+                // SAFETY: unit u owns slots u * C..(u + 1) * C of each plane.
+                let dst = unsafe {
+                    self.partials
+                        .slice(k * slots + unit.index * channels, channels)
+                };
+                dst.copy_from_slice(total);
+            }
+        }
+    }
 }
 
-/// Backward of Reduction::None: writes `G * d / var_c` (and/or its negation) and returns the
-/// per-channel sums `R1_c = sum G` and `R2_c = sum G * d^2` for the log_scale gradient.
-fn none_backward<E: Element>(
+/// Moves lane sums into f64 totals, in lane order.
+#[inline(always)]
+fn flush<A: Acc>(lanes: &mut [[A; LANES]; 2], totals: &mut [f64; 2]) {
+    for (total, lane) in totals.iter_mut().zip(lanes.iter_mut()) {
+        for v in lane.iter_mut() {
+            *total += v.to_f64();
+            *v = A::default();
+        }
+    }
+}
+
+/// Runs op `O` over the whole problem; returns its per-channel sums (`O::SUMS` of them).
+fn run_pass<E: Element, O: Op<E::Acc>>(
     plan: &Plan,
-    mean: &[E],
-    target: &[E],
-    grad: &[E],
-    inv_var: &[f64],
-    outputs: Outputs<E>,
-) -> [Vec<f64>; 2] {
-    let g = plan.geometry;
-    let inv_var: Vec<E::Acc> = inv_var.iter().map(|&v| E::Acc::from_f64(v)).collect();
-    let write = outputs.first.is_some() || outputs.negated.is_some();
-    reduce_pass::<E, 3, 2>(plan, [mean, target, grad], |sums, unit, chunk| {
-        let [m, t, gr] = chunk.inputs;
-        let n = chunk.len();
-        let range = chunk.slot..chunk.slot + n;
-        let [r1, r2] = &mut sums.working;
-        let (r1, r2) = (&mut r1[range.clone()], &mut r2[range.clone()]);
-        for (((a1, a2), (&m, &t)), &gv) in r1
-            .iter_mut()
-            .zip(r2.iter_mut())
-            .zip(m.iter().zip(t))
-            .zip(gr)
-        {
-            let d = m - t;
-            *a1 = *a1 + gv;
-            *a2 = *a2 + gv * d * d;
-        }
-        if write {
-            let per_channel = match g.layout {
-                Layout::ChannelsFirst => None,
-                Layout::ChannelsLast => Some(&inv_var[range]),
-            };
-            let mut out = [E::Acc::default(); CHUNK];
-            for (j, o) in out[..n].iter_mut().enumerate() {
-                let iv = per_channel.map_or(inv_var[unit.channel], |p| p[j]);
-                *o = gr[j] * (m[j] - t[j]) * iv;
-            }
-            outputs.store(&mut out[..n], chunk.at);
-        }
-    })
+    params: &ChannelValues<E::Acc>,
+    inputs: [&[E]; 3],
+    out: Option<&mut [E]>,
+    out_negated: Option<&mut [E]>,
+) -> Vec<Vec<f64>> {
+    let mut partials = vec![0.0f64; plan.slots() * O::SUMS];
+    let walk = Walk::<E, O> {
+        plan,
+        params,
+        mean: inputs[0],
+        target: inputs[1],
+        upstream: inputs[2],
+        out: out.map(SharedMut::new),
+        out_negated: out_negated.map(SharedMut::new),
+        partials: SharedMut::new(&mut partials),
+        op: std::marker::PhantomData,
+    };
+    plan.for_each_unit(&walk);
+    partials
+        .chunks_exact(plan.slots().max(1))
+        .take(O::SUMS)
+        .map(|plane| plan.combine(plane))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -606,23 +815,36 @@ fn channel_params(problem: &VidProblem) -> Result<ChannelParams> {
     Ok(ChannelParams::new(&alpha, problem.options.eps_value()))
 }
 
+/// Parameters of the per-element loss: `0.5 / var` and `0.5 ln var + constant`.
+fn loss_params<A: Acc>(params: &ChannelParams, constant: f64) -> ChannelValues<A> {
+    ChannelValues::new(
+        params.var.iter().map(|v| 0.5 / v),
+        params.ln_var.iter().map(|l| 0.5 * l + constant),
+    )
+}
+
+/// SumSq uses no parameters.
+fn unused_params<A: Acc>(channels: usize) -> ChannelValues<A> {
+    ChannelValues::single(std::iter::repeat(0.0).take(channels))
+}
+
 /// Fused CPU forward.
 pub(crate) fn forward(problem: &VidProblem) -> Result<ForwardOutput> {
     let plan = Plan::new(problem.geometry);
     let params = channel_params(problem)?;
     let opts = &problem.options;
     dispatch_dtype!(problem.kind(), E => {
-        let (mean, target) = (elements::<E>(&problem.mean), elements::<E>(&problem.target));
+        let inputs = [elements::<E>(&problem.mean), elements::<E>(&problem.target), &[][..]];
         match opts.reduction_mode() {
             Reduction::None => {
-                let a: Vec<f64> = params.var.iter().map(|v| 0.5 / v).collect();
-                let b: Vec<f64> = params.ln_var.iter().map(|l| 0.5 * l + params.constant(opts)).collect();
                 let mut loss = problem.mean.f_empty_like()?;
-                elementwise_loss::<E>(&plan, mean, target, &a, &b, elements_mut(&mut loss));
+                let values = loss_params(&params, params.constant(opts));
+                run_pass::<E, ElementLoss>(&plan, &values, inputs, Some(elements_mut(&mut loss)), None);
                 Ok(ForwardOutput { loss, channel_sumsq: None })
             }
             reduction => {
-                let q = channel_sumsq::<E>(&plan, mean, target);
+                let unused = unused_params(problem.geometry.channels);
+                let q = run_pass::<E, SumSq>(&plan, &unused, inputs, None, None).remove(0);
                 let value = params.reduced_loss(&q, &problem.geometry, opts, reduction);
                 let loss = Tensor::f_scalar_tensor(value, (problem.kind(), problem.device()))?;
                 Ok(ForwardOutput { loss, channel_sumsq: Some(Tensor::from_slice(&q)) })
@@ -650,17 +872,16 @@ pub(crate) fn backward(
     let (mut grad_mean, mut grad_target) = (new_output(needs.mean)?, new_output(needs.target)?);
     dispatch_dtype!(problem.kind(), E => {
         let (mean, target) = (elements::<E>(&problem.mean), elements::<E>(&problem.target));
-        let outputs = Outputs::<E> {
-            first: grad_mean.as_mut().map(|t| SharedMut(elements_mut::<E>(t).as_mut_ptr())),
-            negated: grad_target.as_mut().map(|t| SharedMut(elements_mut::<E>(t).as_mut_ptr())),
-        };
+        let out = grad_mean.as_mut().map(elements_mut::<E>);
+        let out_negated = grad_target.as_mut().map(elements_mut::<E>);
         match opts.reduction_mode() {
             Reduction::None => {
-                let grad = problem.in_layout(&grad.to_kind(problem.kind()));
-                let inv_var: Vec<f64> = params.var.iter().map(|v| 1.0 / v).collect();
-                let [r1, r2] = none_backward::<E>(&plan, mean, target, elements::<E>(&grad), &inv_var, outputs);
+                let upstream = problem.in_layout(&grad.f_to_kind(problem.kind())?);
+                let inputs = [mean, target, elements::<E>(&upstream)];
+                let inv_var = ChannelValues::single(params.var.iter().map(|v| 1.0 / v));
+                let r = run_pass::<E, NoneBackward>(&plan, &inv_var, inputs, out, out_negated);
                 if needs.log_scale {
-                    grads.log_scale = Some(Tensor::from_slice(&params.log_scale_grad_none(&r1, &r2)));
+                    grads.log_scale = Some(Tensor::from_slice(&params.log_scale_grad_none(&r[0], &r[1])));
                 }
             }
             reduction => {
@@ -668,9 +889,9 @@ pub(crate) fn backward(
                 let q = Vec::<f64>::try_from(q)?;
                 let upstream = grad.to_kind(Kind::Double).f_double_value(&[])?;
                 let k = upstream * params.reduction_factor(&problem.geometry, reduction);
-                if grad_mean.is_some() || grad_target.is_some() {
-                    let scale: Vec<f64> = params.var.iter().map(|v| k / v).collect();
-                    scaled_difference::<E>(&plan, mean, target, &scale, outputs);
+                if out.is_some() || out_negated.is_some() {
+                    let scale = ChannelValues::single(params.var.iter().map(|v| k / v));
+                    run_pass::<E, ScaledDifference>(&plan, &scale, [mean, target, &[][..]], out, out_negated);
                 }
                 if needs.log_scale {
                     let m = problem.geometry.per_channel() as f64;
