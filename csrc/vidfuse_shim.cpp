@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
@@ -129,6 +130,21 @@ char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs
         callbacks.drop(state);
     }
     return err;
+}
+
+char *vf_tensor_from_owned(void *data, const int64_t *sizes, const int64_t *strides, size_t ndim,
+                           int32_t scalar_type, vf_release_data_fn release, void *context,
+                           vf_tensor **out) {
+    *out = nullptr;
+    return guarded([&] {
+        const auto options = at::TensorOptions()
+                                 .dtype(static_cast<c10::ScalarType>(scalar_type))
+                                 .device(c10::kCPU);
+        at::Tensor t = at::from_blob(
+            data, c10::IntArrayRef(sizes, ndim), c10::IntArrayRef(strides, ndim),
+            [release, context](void *p) { release(context, p); }, options);
+        *out = reinterpret_cast<vf_tensor *>(new at::Tensor(std::move(t)));
+    });
 }
 
 char *vf_grad_mode_enabled(int32_t *enabled) {

@@ -53,6 +53,16 @@ char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs
                      vf_tensor *const *outputs, size_t n_outputs, void *state,
                      vf_node_callbacks callbacks, int32_t *attached);
 
+/*
+ * A CPU tensor over `data` with the given sizes and strides (in elements) and dtype (a c10
+ * ScalarType code); when libtorch frees its storage it calls release(context, data). On
+ * error the caller still owns `data`.
+ */
+typedef void (*vf_release_data_fn)(void *context, void *data);
+char *vf_tensor_from_owned(void *data, const int64_t *sizes, const int64_t *strides, size_t ndim,
+                           int32_t scalar_type, vf_release_data_fn release, void *context,
+                           vf_tensor **out);
+
 /* Whether autograd's grad mode is enabled on this thread. */
 char *vf_grad_mode_enabled(int32_t *enabled);
 

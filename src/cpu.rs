@@ -12,6 +12,10 @@
 //! f64 are read and written in place; f16 and bf16 go through small conversion buffers.
 //! Where the CPU has AVX2, the same code is compiled a second time for it and chosen at run
 //! time (no fused multiply-add is introduced, so both give the same bits).
+//!
+//! Per-element outputs of 1 MiB or more come from a small cache of host buffers
+//! ([`empty_cache`] releases it): fresh memory costs page faults and zeroing that, for a
+//! 16 MB gradient, exceed the pass itself.
 
 use std::ops::{Add, Mul, Neg, Sub};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,8 +25,11 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use tch::{Kind, Tensor};
 
+pub use crate::host_pool::{cached_bytes, empty_cache, MAX_CACHED_BYTES};
+
 use crate::backend::{ForwardOutput, Grads, NeedsGrad};
 use crate::error::{Result, VidError};
+use crate::host_pool;
 use crate::math::ChannelParams;
 use crate::options::Reduction;
 use crate::validate::{Geometry, Layout, VidProblem};
@@ -535,17 +542,17 @@ struct ChunkIo<'b, A> {
 }
 
 impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
-    /// Converts (or borrows) the inputs of elements `at..at + n`, lets `body` compute the
-    /// results into the output view, then stores them (and their negation).
+    /// The views of elements `at..at + n`: inputs converted (or borrowed), and where to
+    /// compute results. (Not a closure-taking helper: closures would not be inlined into the
+    /// AVX2 copy of the pass.)
     #[inline(always)]
-    fn chunk(
-        &self,
-        bufs: &mut Buffers<E::Acc>,
+    fn load_chunk<'b>(
+        &'b self,
+        bufs: &'b mut Buffers<E::Acc>,
         at: usize,
         n: usize,
-        body: impl FnOnce(ChunkIo<'_, E::Acc>),
-    ) {
-        let [mb, tb, ub, ob, nb] = bufs;
+    ) -> ChunkIo<'b, E::Acc> {
+        let [mb, tb, ub, ob, _] = bufs;
         let m = E::view(&self.mean[at..at + n], mb);
         let t = E::view(&self.target[at..at + n], tb);
         let up = if O::READS_UPSTREAM {
@@ -553,22 +560,27 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
         } else {
             m
         };
-        // SAFETY (here and for the negated output): units cover disjoint element ranges.
-        let mut dst = self
-            .out
-            .filter(|_| O::WRITES)
-            .map(|o| unsafe { o.slice(at, n) });
-        let out = match dst.as_deref_mut() {
+        // SAFETY (here and in finish_chunk): units cover disjoint element ranges.
+        let out = match self.out.filter(|_| O::WRITES) {
+            Some(o) => E::out_view(unsafe { o.slice(at, n) }, ob),
+            None => &mut ob[..n],
+        };
+        ChunkIo { m, t, up, out }
+    }
+
+    /// Stores the results computed in `load_chunk`'s output view (and their negation).
+    #[inline(always)]
+    fn finish_chunk(&self, bufs: &mut Buffers<E::Acc>, at: usize, n: usize) {
+        if !O::WRITES {
+            return;
+        }
+        let [_, _, _, ob, nb] = bufs;
+        let mut dst = self.out.map(|o| unsafe { o.slice(at, n) });
+        let values = match dst.as_deref_mut() {
             Some(d) => E::out_view(d, ob),
             None => &mut ob[..n],
         };
-        body(ChunkIo {
-            m,
-            t,
-            up,
-            out: &mut *out,
-        });
-        self.store_negated(at, out, nb);
+        self.store_negated(at, values, nb);
         if let Some(d) = dst {
             E::commit(ob, d);
         }
@@ -612,7 +624,8 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
             let mut since_flush = 0;
             while at < end {
                 let n = CHUNK.min(end - at);
-                self.chunk(bufs, at, n, |io| {
+                {
+                    let io = self.load_chunk(bufs, at, n);
                     let [l0, l1] = &mut lanes;
                     let full = n / LANES * LANES;
                     let mut b = 0;
@@ -645,7 +658,8 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
                         };
                         apply::<_, O>(&p, &q, &io.m[r.clone()], &io.t[r], up, out, l0, l1);
                     }
-                });
+                }
+                self.finish_chunk(bufs, at, n);
                 at += n;
                 since_flush += n;
                 if O::SUMS > 0 && (since_flush >= FLUSH * LANES || at == end) {
@@ -682,7 +696,8 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
             let offset = (at - unit.rows.start * channels) % tile;
             let n = CHUNK.min(tile - offset).min(end - at);
             let r = offset..offset + n;
-            self.chunk(bufs, at, n, |io| {
+            {
+                let io = self.load_chunk(bufs, at, n);
                 let [w0, w1] = &mut work;
                 let (w0, w1) = if O::SUMS > 0 {
                     (&mut w0[r.clone()], &mut w1[r.clone()])
@@ -699,7 +714,8 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
                     w0,
                     w1,
                 );
-            });
+            }
+            self.finish_chunk(bufs, at, n);
             at += n;
             if offset + n == tile {
                 passes += 1;
@@ -837,7 +853,7 @@ pub(crate) fn forward(problem: &VidProblem) -> Result<ForwardOutput> {
         let inputs = [elements::<E>(&problem.mean), elements::<E>(&problem.target), &[][..]];
         match opts.reduction_mode() {
             Reduction::None => {
-                let mut loss = problem.mean.f_empty_like()?;
+                let mut loss = host_pool::empty_like(&problem.mean)?;
                 let values = loss_params(&params, params.constant(opts));
                 run_pass::<E, ElementLoss>(&plan, &values, inputs, Some(elements_mut(&mut loss)), None);
                 Ok(ForwardOutput { loss, channel_sumsq: None })
@@ -866,7 +882,7 @@ pub(crate) fn backward(
     let mut grads = Grads::default();
     let new_output = |needed: bool| -> Result<Option<Tensor>> {
         needed
-            .then(|| problem.mean.f_empty_like().map_err(VidError::from))
+            .then(|| host_pool::empty_like(&problem.mean))
             .transpose()
     };
     let (mut grad_mean, mut grad_target) = (new_output(needs.mean)?, new_output(needs.target)?);

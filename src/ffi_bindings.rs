@@ -42,6 +42,21 @@ unsafe extern "C" {
         attached: *mut i32,
     ) -> *mut ::std::os::raw::c_char;
 }
+pub type vf_release_data_fn = ::std::option::Option<
+    unsafe extern "C" fn(context: *mut ::std::os::raw::c_void, data: *mut ::std::os::raw::c_void),
+>;
+unsafe extern "C" {
+    pub fn vf_tensor_from_owned(
+        data: *mut ::std::os::raw::c_void,
+        sizes: *const i64,
+        strides: *const i64,
+        ndim: usize,
+        scalar_type: i32,
+        release: vf_release_data_fn,
+        context: *mut ::std::os::raw::c_void,
+        out: *mut *mut vf_tensor,
+    ) -> *mut ::std::os::raw::c_char;
+}
 unsafe extern "C" {
     pub fn vf_grad_mode_enabled(enabled: *mut i32) -> *mut ::std::os::raw::c_char;
 }

@@ -29,10 +29,11 @@
 
 mod autograd;
 mod backend;
-mod cpu;
+pub mod cpu;
 pub mod cuda;
 pub mod error;
 mod ffi;
+mod host_pool;
 mod math;
 pub mod nn;
 mod op;
