@@ -625,38 +625,15 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
             while at < end {
                 let n = CHUNK.min(end - at);
                 {
-                    let io = self.load_chunk(bufs, at, n);
+                    let mut io = self.load_chunk(bufs, at, n);
                     let [l0, l1] = &mut lanes;
                     let full = n / LANES * LANES;
-                    let mut b = 0;
-                    while b < full {
-                        let r = b..b + LANES;
-                        let up = if O::READS_UPSTREAM {
-                            &io.up[r.clone()]
-                        } else {
-                            io.m
-                        };
-                        let out = if O::WRITES {
-                            &mut io.out[r.clone()]
-                        } else {
-                            &mut [][..]
-                        };
-                        apply::<_, O>(&p, &q, &io.m[r.clone()], &io.t[r], up, out, l0, l1);
-                        b += LANES;
+                    for b in (0..full).step_by(LANES) {
+                        // Fixed-length blocks: the loop in `apply` becomes straight vector code.
+                        apply_lanes::<_, O>(&p, &q, &mut io, b..b + LANES, l0, l1);
                     }
-                    if b < n {
-                        let r = b..n;
-                        let up = if O::READS_UPSTREAM {
-                            &io.up[r.clone()]
-                        } else {
-                            io.m
-                        };
-                        let out = if O::WRITES {
-                            &mut io.out[r.clone()]
-                        } else {
-                            &mut [][..]
-                        };
-                        apply::<_, O>(&p, &q, &io.m[r.clone()], &io.t[r], up, out, l0, l1);
+                    if full < n {
+                        apply_lanes::<_, O>(&p, &q, &mut io, full..n, l0, l1);
                     }
                 }
                 self.finish_chunk(bufs, at, n);
@@ -742,6 +719,30 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
             }
         }
     }
+}
+
+/// `apply` on elements `r` (at most LANES) of a chunk, accumulating into the lanes.
+#[inline(always)]
+fn apply_lanes<A: Acc, O: Op<A>>(
+    p: &[A; LANES],
+    q: &[A; LANES],
+    io: &mut ChunkIo<'_, A>,
+    r: std::ops::Range<usize>,
+    l0: &mut [A; LANES],
+    l1: &mut [A; LANES],
+) {
+    let (m, t) = (&io.m[r.clone()], &io.t[r.clone()]);
+    let up = if O::READS_UPSTREAM {
+        &io.up[r.clone()]
+    } else {
+        m
+    };
+    let out: &mut [A] = if O::WRITES {
+        &mut io.out[r]
+    } else {
+        &mut [][..]
+    };
+    apply::<_, O>(p, q, m, t, up, out, l0, l1);
 }
 
 /// Moves lane sums into f64 totals, in lane order.

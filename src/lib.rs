@@ -108,3 +108,8 @@ pub fn f_vid_loss_with_launcher(
         opts,
     )
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

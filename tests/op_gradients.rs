@@ -109,22 +109,8 @@ fn upstream_scalar_through_backward() {
             let upstream = Tensor::from(3.7).to_kind(kind);
             let (gm, gt, ga) = reference_grads(&mean, &target, &log_scale, &opts, &upstream);
             let what = format!("{kind:?} {reduction:?} (loss * 3.7).backward()");
-            let (st, cp) = (storage(kind), compute(kind));
-            for (name, g, r) in [("mean", mean.grad(), gm), ("target", target.grad(), gt)] {
-                assert_eq!(g.kind(), kind, "{what}: d/d{name} dtype");
-                let allowed = r.abs() * (st.round + cp.elem) + st.atol;
-                assert_within(&format!("{what}: d/d{name}"), &g, &r, &allowed);
-            }
-            let magnitude = log_scale_grad_magnitude(&mean, &target, &log_scale, &opts, &upstream);
-            let allowed = ga.abs() * storage(Kind::Float).round
-                + magnitude * cp.acc
-                + storage(Kind::Float).atol;
-            assert_within(
-                &format!("{what}: d/dlog_scale"),
-                &log_scale.grad(),
-                &ga,
-                &allowed,
-            );
+            let leaves = [&mean, &target, &log_scale];
+            assert_accumulated_grads(&what, leaves, &opts, &upstream, [gm, gt, ga]);
         }
     }
 }
@@ -143,21 +129,8 @@ fn upstream_tensor_through_backward() {
             (&loss * &upstream).sum(kind).backward();
             let (gm, gt, ga) = reference_grads(&mean, &target, &log_scale, &opts, &upstream);
             let what = format!("{kind:?} {mem:?} None, random upstream");
-            let (st, cp) = (storage(kind), compute(kind));
-            for (name, g, r) in [("mean", mean.grad(), gm), ("target", target.grad(), gt)] {
-                let allowed = r.abs() * (st.round + cp.elem) + st.atol;
-                assert_within(&format!("{what}: d/d{name}"), &g, &r, &allowed);
-            }
-            let magnitude = log_scale_grad_magnitude(&mean, &target, &log_scale, &opts, &upstream);
-            let allowed = ga.abs() * storage(Kind::Float).round
-                + magnitude * cp.acc
-                + storage(Kind::Float).atol;
-            assert_within(
-                &format!("{what}: d/dlog_scale"),
-                &log_scale.grad(),
-                &ga,
-                &allowed,
-            );
+            let leaves = [&mean, &target, &log_scale];
+            assert_accumulated_grads(&what, leaves, &opts, &upstream, [gm, gt, ga]);
         }
     }
 }
@@ -304,4 +277,31 @@ fn each_input_alone() {
             }
         }
     }
+}
+
+/// Checks the `.grad` of the three leaves (f32 log_scale) after a `backward()` against the
+/// reference gradients, with the dtype of each.
+fn assert_accumulated_grads(
+    what: &str,
+    [mean, target, log_scale]: [&Tensor; 3],
+    opts: &VidOptions,
+    upstream: &Tensor,
+    [gm, gt, ga]: [Tensor; 3],
+) {
+    let kind = mean.kind();
+    let (st, cp) = (storage(kind), compute(kind));
+    for (name, g, r) in [("mean", mean.grad(), gm), ("target", target.grad(), gt)] {
+        assert_eq!(g.kind(), kind, "{what}: d/d{name} dtype");
+        let allowed = r.abs() * (st.round + cp.elem) + st.atol;
+        assert_within(&format!("{what}: d/d{name}"), &g, &r, &allowed);
+    }
+    let magnitude = log_scale_grad_magnitude(mean, target, log_scale, opts, upstream);
+    let ls = storage(log_scale.kind());
+    let allowed = ga.abs() * ls.round + magnitude * cp.acc + ls.atol;
+    assert_within(
+        &format!("{what}: d/dlog_scale"),
+        &log_scale.grad(),
+        &ga,
+        &allowed,
+    );
 }
