@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -144,6 +145,16 @@ char *vf_tensor_from_owned(void *data, const int64_t *sizes, const int64_t *stri
             data, c10::IntArrayRef(sizes, ndim), c10::IntArrayRef(strides, ndim),
             [release, context](void *p) { release(context, p); }, options);
         *out = reinterpret_cast<vf_tensor *>(new at::Tensor(std::move(t)));
+    });
+}
+
+char *vf_parallel_for(int64_t n, vf_parallel_body_fn body, void *context) {
+    return guarded([&] {
+        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+                body(context, i);
+            }
+        });
     });
 }
 

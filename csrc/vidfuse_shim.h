@@ -63,6 +63,14 @@ char *vf_tensor_from_owned(void *data, const int64_t *sizes, const int64_t *stri
                            int32_t scalar_type, vf_release_data_fn release, void *context,
                            vf_tensor **out);
 
+/*
+ * Runs body(context, i) for every i in 0..n on libtorch's intra-op thread pool (the calling
+ * thread included), one index per task, so that the caller's parallel work shares threads
+ * with libtorch's instead of competing with them. The body must not throw.
+ */
+typedef void (*vf_parallel_body_fn)(void *context, int64_t index);
+char *vf_parallel_for(int64_t n, vf_parallel_body_fn body, void *context);
+
 /* Whether autograd's grad mode is enabled on this thread. */
 char *vf_grad_mode_enabled(int32_t *enabled);
 

@@ -66,6 +66,54 @@ pub fn current_cuda_stream(device_index: usize) -> Result<*mut c_void, String> {
     }
 }
 
+/// Runs `body(i)` for every `i` in `0..n` on libtorch's intra-op thread pool (the calling
+/// thread included). Every index runs exactly once, also if the pool cannot be used.
+pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
+    struct Context<'a> {
+        body: &'a (dyn Fn(usize) + Sync),
+        done: Vec<std::sync::atomic::AtomicBool>,
+        panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    }
+    unsafe extern "C" fn trampoline(context: *mut c_void, index: i64) {
+        let context = &*(context as *const Context<'_>);
+        let i = index as usize;
+        if context.done[i].swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (context.body)(i))) {
+            let mut slot = context.panic.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(panic);
+        }
+    }
+    let context = Context {
+        body,
+        done: (0..n)
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect(),
+        panic: Mutex::new(None),
+    };
+    // SAFETY: `context` outlives the call; the trampoline never unwinds.
+    let err = unsafe {
+        ffi::vf_parallel_for(
+            n as i64,
+            Some(trampoline),
+            &context as *const Context<'_> as *mut c_void,
+        )
+    };
+    drop(take_error(err));
+    // Whatever the pool did not run (it failed to start), run here.
+    for i in 0..n {
+        unsafe { trampoline(&context as *const Context<'_> as *mut c_void, i as i64) };
+    }
+    if let Some(panic) = context
+        .panic
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// Makes `outputs` (computed under no-grad) the outputs of a new autograd node named `name`,
 /// whose next edges are the `inputs`, so that `backward()` calls `backward`. Does nothing
 /// (and drops `backward`) when grad mode is off or no input requires grad.

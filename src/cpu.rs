@@ -443,19 +443,16 @@ impl Plan {
         if threads <= 1 {
             worker();
         } else {
-            std::thread::scope(|s| {
-                for _ in 1..threads {
-                    s.spawn(worker);
-                }
-                worker();
-            });
+            // On libtorch's own pool: its OpenMP workers spin for a while after each of
+            // libtorch's parallel ops, and threads of our own would compete with them.
+            crate::autograd::parallel_for(threads, &|_| worker());
         }
     }
 }
 
+/// libtorch's intra-op thread count (`tch::set_num_threads` sets it).
 fn worker_threads() -> usize {
-    static THREADS: OnceLock<usize> = OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    tch::get_num_threads().max(1) as usize
 }
 
 fn has_avx2() -> bool {

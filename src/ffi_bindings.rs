@@ -57,6 +57,15 @@ unsafe extern "C" {
         out: *mut *mut vf_tensor,
     ) -> *mut ::std::os::raw::c_char;
 }
+pub type vf_parallel_body_fn =
+    ::std::option::Option<unsafe extern "C" fn(context: *mut ::std::os::raw::c_void, index: i64)>;
+unsafe extern "C" {
+    pub fn vf_parallel_for(
+        n: i64,
+        body: vf_parallel_body_fn,
+        context: *mut ::std::os::raw::c_void,
+    ) -> *mut ::std::os::raw::c_char;
+}
 unsafe extern "C" {
     pub fn vf_grad_mode_enabled(enabled: *mut i32) -> *mut ::std::os::raw::c_char;
 }
