@@ -258,3 +258,34 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".to_string());
     format!("panic in backward: {text}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The indices run on libtorch's pool: with two intra-op threads, on two threads (the
+    /// shim must be built with OpenMP, or at::parallel_for silently runs serially).
+    #[test]
+    fn parallel_for_runs_on_libtorch_threads() {
+        tch::set_num_threads(2);
+        let ids = Mutex::new(Vec::new());
+        parallel_for(2, &|_| {
+            ids.lock().unwrap().push(std::thread::current().id());
+        });
+        let ids = ids.into_inner().unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_ne!(ids[0], ids[1], "at::parallel_for ran serially");
+    }
+
+    #[test]
+    fn parallel_for_runs_every_index_once() {
+        let counts: Vec<std::sync::atomic::AtomicUsize> =
+            (0..37).map(|_| Default::default()).collect();
+        parallel_for(37, &|i| {
+            counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert!(counts
+            .iter()
+            .all(|c| c.load(std::sync::atomic::Ordering::Relaxed) == 1));
+    }
+}
