@@ -44,10 +44,7 @@ pub fn reference_loss(
     log_scale: &Tensor,
     opts: &VidOptions,
 ) -> Tensor {
-    let (m, t) = (mean.to_kind(Kind::Double), target.to_kind(Kind::Double));
-    let var = reference_var(log_scale, mean.dim(), opts);
-    let l = ((&m - &t).square() / &var + var.log()) * 0.5 + constant(opts);
-    reduce(l, opts.reduction_mode())
+    reference_terms(mean, target, log_scale, opts, false)
 }
 
 /// Gradients of the reference (f64) wrt mean, target, log_scale, for upstream gradient
@@ -84,9 +81,21 @@ pub fn loss_magnitude(
     log_scale: &Tensor,
     opts: &VidOptions,
 ) -> Tensor {
+    reference_terms(mean, target, log_scale, opts, true)
+}
+
+/// The per-element terms in f64 (with `|ln var|` when `abs_log`), reduced as `opts` says.
+fn reference_terms(
+    mean: &Tensor,
+    target: &Tensor,
+    log_scale: &Tensor,
+    opts: &VidOptions,
+    abs_log: bool,
+) -> Tensor {
     let (m, t) = (mean.to_kind(Kind::Double), target.to_kind(Kind::Double));
     let var = reference_var(log_scale, mean.dim(), opts);
-    let l = ((&m - &t).square() / &var + var.log().abs()) * 0.5 + constant(opts);
+    let log_var = if abs_log { var.log().abs() } else { var.log() };
+    let l = ((&m - &t).square() / &var + log_var) * 0.5 + constant(opts);
     reduce(l, opts.reduction_mode())
 }
 
