@@ -3,12 +3,12 @@
 //! Forward makes one pass over `mean` and `target` producing the per-channel sums of
 //! squared differences `Q_c`; the loss is an O(C) epilogue. Backward is one elementwise pass.
 //!
-//! Every pass is an [`Op`] applied to each element by one walk over the tensors. Work is cut
+//! Every pass is an `Op` applied to each element by one walk over the tensors. Work is cut
 //! into fixed units that depend only on the shape (never on the thread count or on timing);
 //! each unit writes its partial sums to its own slots and slots are combined in index order,
 //! so results are bitwise identical run to run and on any number of threads. Sums are kept in
 //! the accumulation type (f32, or f64 for f64 inputs) in several independent lanes, so the
-//! loops vectorise, and flushed into f64 at least every [`FLUSH`] elements per lane. f32 and
+//! loops vectorise, and flushed into f64 at least every `FLUSH` elements per lane. f32 and
 //! f64 are read and written in place; f16 and bf16 go through small conversion buffers.
 //! Where the CPU has AVX2, the same code is compiled a second time for it and chosen at run
 //! time (no fused multiply-add is introduced, so both give the same bits).
