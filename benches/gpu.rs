@@ -31,6 +31,11 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
         graph::synchronize(0).unwrap();
         times.push(unsafe { event::elapsed(start, end) }.unwrap() as f64 / CALLS as f64);
     }
+    // SAFETY: the events are not used after this.
+    unsafe {
+        let _ = event::destroy(start);
+        let _ = event::destroy(end);
+    }
     times.sort_by(|a, b| a.total_cmp(b));
     times[BATCHES / 2]
 }

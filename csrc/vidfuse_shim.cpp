@@ -12,6 +12,7 @@
 
 #ifdef VIDFUSE_WITH_TORCH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -191,7 +192,12 @@ char *vf_cuda_stream_pop(void *previous) {
 }
 
 char *vf_cuda_synchronize(int32_t device_index) {
-    return guarded([&] { c10::cuda::device_synchronize(); (void)device_index; });
+    return guarded([&] {
+        // The generic guard (through c10's registry): CUDAGuard's inline code needs cudart.
+        const c10::DeviceGuard guard(
+            c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device_index)));
+        c10::cuda::device_synchronize();
+    });
 }
 
 char *vf_cuda_graph_new(void **graph) {

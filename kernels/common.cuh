@@ -128,7 +128,7 @@ template <typename T> struct VecWidth {
 };
 
 // V elements of T moved as one 16-byte access when `vectorized` (caller checked alignment).
-template <typename T, int V> struct Pack {
+template <typename T, int V> struct alignas(V * sizeof(T) == 16 ? 16 : alignof(T)) Pack {
     T v[V];
 };
 

@@ -102,14 +102,19 @@ fn gpu_sanitizer_small_case() {
 #[test]
 fn gpu_misaligned_views() {
     let Some(device) = gpu() else { return };
-    for kind in [Kind::Float, Kind::BFloat16] {
-        let shape = [2i64, 3, 600];
+    // Long rows (warp traversal) and short rows (tile traversal).
+    for (kind, shape) in [
+        (Kind::Float, [2i64, 3, 600]),
+        (Kind::BFloat16, [2, 3, 600]),
+        (Kind::Float, [3, 5, 63]),
+        (Kind::BFloat16, [3, 5, 63]),
+    ] {
         let numel: i64 = shape.iter().product();
         let view = |x: Tensor| x.to_device(device).narrow(0, 1, numel).view(shape);
         let opts = VidOptions::default();
         let m = view(random(&[numel + 1], kind, Mem::Contiguous)).set_requires_grad(true);
         let t = view(random(&[numel + 1], kind, Mem::Contiguous));
-        let a = random_log_scale(3, Kind::Float)
+        let a = random_log_scale(shape[1], Kind::Float)
             .to_device(device)
             .set_requires_grad(true);
         let up = random_upstream(&shape, kind, &opts).to_device(device);
@@ -178,8 +183,10 @@ fn gpu_cuda_graph_capture_and_replay() {
             &opts,
             device,
         );
-        // Warm up: the kernels are loaded and the allocator has blocks.
-        let _ = f_vid_loss(&m, &t, &a, &opts).unwrap();
+        // Warm up forward and backward on this stream: the kernels are loaded, the autograd
+        // engine's threads exist and the allocator has blocks before the capture.
+        let loss = f_vid_loss(&m, &t, &a, &opts).unwrap();
+        let _ = Tensor::run_backward(&[&loss], &[&m, &a], false, false);
         let mut g = CudaGraph::new().unwrap();
         let (loss, grads) = g
             .capture(|| {
@@ -230,8 +237,9 @@ fn gpu_cuda_graph_capture_and_replay() {
 #[test]
 fn gpu_over_two_billion_elements() {
     let Some(device) = gpu() else { return };
-    // bf16 [1, 2, 2^30 + 3]: 2^31 + 6 elements, 4 GiB per tensor; needs 64-bit indexing.
-    let s = (1i64 << 30) + 3;
+    // bf16 [1, 2, 2^30 + 8]: 2^31 + 16 elements, 4 GiB per tensor; needs 64-bit indexing, and
+    // rows a multiple of the 8-element pack, so the 16-byte path runs past 2^31.
+    let s = (1i64 << 30) + 8;
     let shape = [1i64, 2, s];
     let m = Tensor::randn(shape, (Kind::BFloat16, device)).set_requires_grad(true);
     let t = Tensor::randn(shape, (Kind::BFloat16, device));

@@ -6,11 +6,11 @@ use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
 
 use super::launcher::{KernelLauncher, LaunchConfig};
-use super::{nvrtc, probe};
+use super::{nvrtc, plan, probe};
 use crate::autograd;
 use crate::error::{Result, VidError};
 
@@ -18,8 +18,8 @@ use crate::error::{Result, VidError};
 pub(crate) struct DeviceKernels {
     ordinal: usize,
     context: Arc<CudaContext>,
-    module: Arc<CudaModule>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Every kernel of the module (each keeps the module loaded).
+    functions: HashMap<String, CudaFunction>,
     multiprocessors: usize,
 }
 
@@ -48,6 +48,9 @@ pub(crate) fn device_kernels(ordinal: usize) -> Result<Arc<DeviceKernels>> {
 fn load(ordinal: usize) -> Result<DeviceKernels> {
     probe::ensure_driver()?;
     probe::ensure_nvrtc()?;
+    driver::init().map_err(driver_error("cuInit"))?;
+    // CudaContext::new makes the device's context current: give the caller its own back.
+    let _restore = ContextRestore::save()?;
     // Retains the primary context: the one PyTorch uses.
     let context = CudaContext::new(ordinal).map_err(driver_error("cuCtx (primary context)"))?;
     let (major, minor) = context
@@ -57,21 +60,39 @@ fn load(ordinal: usize) -> Result<DeviceKernels> {
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(driver_error("cuDeviceGetAttribute"))? as usize;
     let arch = format!("sm_{major}{minor}");
-    let cubin = cached_cubin(&arch)?;
-    let module = context
-        .load_module(Ptx::from_binary(cubin))
-        .map_err(driver_error("cuModuleLoadData"))?;
+    let (cubin, cache_file) = cached_cubin(&arch)?;
+    let module = match context.load_module(Ptx::from_binary(cubin)) {
+        Ok(module) => module,
+        // A damaged cache file: drop it and compile afresh.
+        Err(_) if cache_file.is_some() => {
+            let _ = std::fs::remove_file(cache_file.unwrap_or_default());
+            context
+                .load_module(Ptx::from_binary(nvrtc::compile(&arch)?.cubin))
+                .map_err(driver_error("cuModuleLoadData"))?
+        }
+        Err(e) => return Err(driver_error("cuModuleLoadData")(e)),
+    };
+    // Look every kernel up now, so that nothing is loaded later (say, during a CUDA-graph
+    // capture, where module loading is refused).
+    let mut functions = HashMap::new();
+    for name in plan::kernel_names() {
+        let function = module.load_function(&name).map_err(|e| VidError::Launch {
+            kernel: name.clone(),
+            message: format!("not found in the module: {e:?}"),
+        })?;
+        functions.insert(name, function);
+    }
     Ok(DeviceKernels {
         ordinal,
         context,
-        module,
-        functions: Mutex::new(HashMap::new()),
+        functions,
         multiprocessors,
     })
 }
 
-/// The CUBIN for `arch`: from the disk cache when the same source, options and NVRTC built it.
-fn cached_cubin(arch: &str) -> Result<Vec<u8>> {
+/// The CUBIN for `arch`: from the disk cache (with its path) when the same source, options
+/// and NVRTC built it, else freshly compiled (and cached).
+fn cached_cubin(arch: &str) -> Result<(Vec<u8>, Option<PathBuf>)> {
     let (major, minor) = nvrtc::version()?;
     let key = format!(
         "{}\n{:?}\nnvrtc {major}.{minor}\n{arch}",
@@ -81,7 +102,7 @@ fn cached_cubin(arch: &str) -> Result<Vec<u8>> {
     let path =
         cache_dir().map(|dir| dir.join(format!("vid-{arch}-{:016x}.cubin", fnv1a(key.as_bytes()))));
     if let Some(image) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        return Ok(image);
+        return Ok((image, path));
     }
     let compiled = nvrtc::compile(arch)?;
     if let Some(path) = path {
@@ -93,7 +114,7 @@ fn cached_cubin(arch: &str) -> Result<Vec<u8>> {
             let _ = std::fs::rename(&tmp, &path);
         }
     }
-    Ok(compiled.cubin)
+    Ok((compiled.cubin, None))
 }
 
 /// `VIDFUSE_CACHE_DIR`, else `$XDG_CACHE_HOME/vidfuse`, else `~/.cache/vidfuse`;
@@ -116,27 +137,16 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 impl DeviceKernels {
-    fn function(&self, name: &str) -> Result<CudaFunction> {
-        let mut functions = self
-            .functions
-            .lock()
-            .map_err(|_| VidError::CudaUnavailable("function cache poisoned".into()))?;
-        if let Some(f) = functions.get(name) {
-            return Ok(f.clone());
-        }
-        let f = self
-            .module
-            .load_function(name)
-            .map_err(|e| VidError::Launch {
-                kernel: name.into(),
-                message: format!("not found in the module: {e:?}"),
-            })?;
-        functions.insert(name.to_string(), f.clone());
-        Ok(f)
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| VidError::Launch {
+            kernel: name.into(),
+            message: "no such kernel in the module".into(),
+        })
     }
 
     /// A launcher on PyTorch's current stream of this device.
     pub(crate) fn launcher(&self) -> Result<StreamLauncher<'_>> {
+        let restore = ContextRestore::save()?;
         self.context
             .bind_to_thread()
             .map_err(driver_error("cuCtxSetCurrent"))?;
@@ -145,14 +155,38 @@ impl DeviceKernels {
         Ok(StreamLauncher {
             kernels: self,
             stream: stream as sys::CUstream,
+            _restore: restore,
         })
     }
 }
 
-/// Launches on one CUDA stream (borrowed from PyTorch, never synchronised here).
+/// Launches on one CUDA stream (borrowed from PyTorch, never synchronised here); the
+/// thread's previous current context comes back when it is dropped.
 pub(crate) struct StreamLauncher<'a> {
     kernels: &'a DeviceKernels,
     stream: sys::CUstream,
+    _restore: ContextRestore,
+}
+
+/// Puts back the calling thread's current CUDA context on drop, so that binding a device's
+/// context for our launches does not change which device the rest of PyTorch sees.
+struct ContextRestore(Option<sys::CUcontext>);
+
+impl ContextRestore {
+    fn save() -> Result<Self> {
+        Ok(ContextRestore(
+            driver::ctx::get_current().map_err(driver_error("cuCtxGetCurrent"))?,
+        ))
+    }
+}
+
+impl Drop for ContextRestore {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.0 {
+            // SAFETY: a context that was current on this thread; primary contexts stay alive.
+            let _ = unsafe { driver::ctx::set_current(ctx) };
+        }
+    }
 }
 
 impl KernelLauncher for StreamLauncher<'_> {

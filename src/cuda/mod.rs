@@ -10,6 +10,8 @@ pub mod graph;
 mod launcher;
 pub mod nvrtc;
 pub(crate) mod plan;
+
+pub use plan::kernel_names;
 mod probe;
 
 use tch::{Device, Tensor};
@@ -20,9 +22,9 @@ use crate::backend::{ForwardOutput, Grads, NeedsGrad};
 use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
 
-/// Compiles (or loads from the disk cache) and loads the kernels for a CUDA device now,
-/// rather than on the first call of the op: useful before capturing a CUDA graph, or to
-/// check that CUDA works.
+/// Compiles (or loads from the disk cache) and loads every kernel for a CUDA device now,
+/// rather than on the first call of the op. Call it before capturing a CUDA graph (module
+/// loading is not allowed during a capture), or to check that CUDA works.
 ///
 /// ```
 /// // Without a GPU this is a clear error, never a panic.

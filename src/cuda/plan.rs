@@ -90,6 +90,33 @@ struct LogScaleGradArgs {
     scale: f64,
 }
 
+/// Ops of the traversal kernels, traversals, storage and accumulation dtypes: the kernels
+/// are named `vid_<op>_<traversal>_<dtype>`, `vid_loss_epilogue_<dtype>`,
+/// `vid_channel_sum_<acc>` and `vid_log_scale_grad_<acc>` (kernels/vid.cu).
+const OPS: [&str; 4] = ["sumsq", "loss", "grad", "grad_none"];
+const TRAVERSALS: [&str; 2] = ["warp", "tile"];
+const DTYPES: [&str; 4] = ["f32", "f64", "f16", "bf16"];
+const ACCS: [&str; 2] = ["f32", "f64"];
+
+/// Every kernel the plan may launch, sorted.
+pub fn kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for dtype in DTYPES {
+        for op in OPS {
+            for traversal in TRAVERSALS {
+                names.push(format!("vid_{op}_{traversal}_{dtype}"));
+            }
+        }
+        names.push(format!("vid_loss_epilogue_{dtype}"));
+    }
+    for acc in ACCS {
+        names.push(format!("vid_channel_sum_{acc}"));
+        names.push(format!("vid_log_scale_grad_{acc}"));
+    }
+    names.sort();
+    names
+}
+
 fn launch_with<L: KernelLauncher + ?Sized, A>(
     launcher: &L,
     kernel: &str,

@@ -433,23 +433,9 @@ pub fn leaf_inputs(
     (mean, target, log_scale, upstream)
 }
 
-/// The kernels the CUDA launch plan may ask for (src/cuda/plan.rs builds the same names).
+/// The kernels the CUDA launch plan may ask for.
 pub fn expected_kernels() -> Vec<String> {
-    let mut names = Vec::new();
-    for dtype in ["f32", "f64", "f16", "bf16"] {
-        for op in ["sumsq", "loss", "grad", "grad_none"] {
-            for traversal in ["warp", "tile"] {
-                names.push(format!("vid_{op}_{traversal}_{dtype}"));
-            }
-        }
-        names.push(format!("vid_loss_epilogue_{dtype}"));
-    }
-    for acc in ["f32", "f64"] {
-        names.push(format!("vid_channel_sum_{acc}"));
-        names.push(format!("vid_log_scale_grad_{acc}"));
-    }
-    names.sort();
-    names
+    vidfuse::cuda::kernel_names()
 }
 
 /// Runs `op` forward and backward twice on the same leaf inputs and asserts that the loss
