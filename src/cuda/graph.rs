@@ -52,6 +52,10 @@ pub fn synchronize(device: usize) -> Result<()> {
 
 /// A CUDA graph (PyTorch's `at::cuda::CUDAGraph`): capture the work queued on the current
 /// stream, which must not be the default stream (see [`with_new_stream`]), then replay it.
+///
+/// Before capturing the op, call [`crate::cuda::warm_up`] for the device and run the work once
+/// on that stream: kernels are loaded and the autograd engine starts its threads outside the
+/// capture (neither is allowed inside one).
 pub struct CudaGraph {
     graph: *mut c_void,
 }
