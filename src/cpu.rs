@@ -84,8 +84,11 @@ trait Element: Copy + Send + Sync + 'static {
     type Acc: Acc;
     /// `src` in the accumulation type: `src` itself for f32/f64, else converted into `buf`.
     fn view<'a>(src: &'a [Self], buf: &'a mut [Self::Acc; CHUNK]) -> &'a [Self::Acc];
-    /// Where to compute values destined for `dst`: `dst` itself for f32/f64, else `buf`.
-    fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [Self::Acc; CHUNK]) -> &'a mut [Self::Acc];
+    /// Where to compute values destined for `dst`: `buf` (f32/f64 use `dst` itself).
+    #[inline(always)]
+    fn out_view<'a>(dst: &'a mut [Self], buf: &'a mut [Self::Acc; CHUNK]) -> &'a mut [Self::Acc] {
+        &mut buf[..dst.len()]
+    }
     /// Moves values computed in `out_view`'s buffer into `dst` (nothing to do for f32/f64).
     fn commit(buf: &[Self::Acc; CHUNK], dst: &mut [Self]);
 }
@@ -119,10 +122,6 @@ impl Element for f16 {
         buf
     }
     #[inline(always)]
-    fn out_view<'a>(dst: &'a mut [f16], buf: &'a mut [f32; CHUNK]) -> &'a mut [f32] {
-        &mut buf[..dst.len()]
-    }
-    #[inline(always)]
     fn commit(buf: &[f32; CHUNK], dst: &mut [f16]) {
         dst.convert_from_f32_slice(&buf[..dst.len()])
     }
@@ -138,10 +137,6 @@ impl Element for bf16 {
             *d = f32::from_bits((s.to_bits() as u32) << 16);
         }
         buf
-    }
-    #[inline(always)]
-    fn out_view<'a>(dst: &'a mut [bf16], buf: &'a mut [f32; CHUNK]) -> &'a mut [f32] {
-        &mut buf[..dst.len()]
     }
     #[inline(always)]
     fn commit(buf: &[f32; CHUNK], dst: &mut [bf16]) {
