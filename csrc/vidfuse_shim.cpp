@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/Stream.h>
@@ -60,7 +61,20 @@ class CallbackNode final : public torch::autograd::Node {
 
     std::string name() const override { return name_; }
 
+    // Keeps the tensors backward reads, version-counted (set after the node is wired up).
+    void save(const torch::autograd::variable_list &tensors) {
+        saved_.reserve(tensors.size());
+        for (const auto &t : tensors) {
+            saved_.emplace_back(t, /*is_output=*/false);
+        }
+    }
+
     torch::autograd::variable_list apply(torch::autograd::variable_list &&grads) override {
+        // Throws the engine's own errors for a tensor modified in place since forward, or
+        // for a graph already freed; nothing is handed to the callback before this.
+        for (const auto &s : saved_) {
+            (void)s.unpack();
+        }
         const size_t n_out = grads.size();
         const size_t n_in = num_outputs();
         std::vector<vf_tensor *> grad_ptrs(n_out, nullptr);
@@ -93,9 +107,15 @@ class CallbackNode final : public torch::autograd::Node {
         return out;
     }
 
-    void release_variables() override { callbacks_.release(state_); }
+    void release_variables() override {
+        for (auto &s : saved_) {
+            s.reset_data();
+        }
+        callbacks_.release(state_);
+    }
 
   private:
+    std::vector<torch::autograd::SavedVariable> saved_;
     std::string name_;
     void *state_;
     vf_node_callbacks callbacks_;
@@ -106,8 +126,9 @@ class CallbackNode final : public torch::autograd::Node {
 extern "C" {
 
 char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs,
-                     vf_tensor *const *outputs, size_t n_outputs, void *state,
-                     vf_node_callbacks callbacks, int32_t *attached) {
+                     vf_tensor *const *outputs, size_t n_outputs, vf_tensor *const *saved,
+                     size_t n_saved, void *state, vf_node_callbacks callbacks,
+                     int32_t *attached) {
     *attached = 0;
     bool owned_by_node = false;
     char *err = guarded([&] {
@@ -126,12 +147,32 @@ char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs
         for (size_t i = 0; i < n_outputs; ++i) {
             torch::autograd::set_history(as_tensor(outputs[i]), node);
         }
+        torch::autograd::variable_list keep;
+        keep.reserve(n_saved);
+        for (size_t i = 0; i < n_saved; ++i) {
+            keep.push_back(as_tensor(saved[i]));
+        }
+        node->save(keep);
         *attached = 1;
     });
     if (!owned_by_node) {
         callbacks.drop(state);
     }
     return err;
+}
+
+char *vf_tensor_facts_of(vf_tensor *tensor, vf_tensor_facts *facts) {
+    *facts = vf_tensor_facts{};
+    return guarded([&] {
+        const at::Tensor &t = as_tensor(tensor);
+        facts->layout = static_cast<int32_t>(t.layout());
+        facts->device_type = static_cast<int32_t>(t.device().type());
+        facts->is_nested = t.is_nested() ? 1 : 0;
+        facts->is_quantized = t.is_quantized() ? 1 : 0;
+        facts->has_storage = t.has_storage() ? 1 : 0;
+        facts->is_neg = t.is_neg() ? 1 : 0;
+        facts->is_conj = t.is_conj() ? 1 : 0;
+    });
 }
 
 char *vf_tensor_from_owned(void *data, const int64_t *sizes, const int64_t *strides, size_t ndim,

@@ -48,10 +48,30 @@ typedef struct vf_node_callbacks {
  * named `name` whose next edges are the inputs' gradient edges, if grad mode is on and an
  * input requires grad. *attached is set to 1 when a node was made. The state is owned by the
  * node when one is made and dropped (callbacks.drop) otherwise, also on error.
+ * The `saved` tensors (which the backward callback reads through its own aliases) are kept
+ * as autograd SavedVariables: when any of them was modified in place after this call,
+ * backward fails with the engine's standard "modified by an inplace operation" error before
+ * the callback runs, and after release_variables with its "backward through the graph a
+ * second time" error.
  */
 char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs,
-                     vf_tensor *const *outputs, size_t n_outputs, void *state,
-                     vf_node_callbacks callbacks, int32_t *attached);
+                     vf_tensor *const *outputs, size_t n_outputs, vf_tensor *const *saved,
+                     size_t n_saved, void *state, vf_node_callbacks callbacks,
+                     int32_t *attached);
+
+/* What the safe side must know about a tensor before touching its sizes or memory. */
+typedef struct vf_tensor_facts {
+    int32_t layout;       /* c10::Layout: 0 strided, 1 sparse COO, 2 sparse CSR, 3 mkldnn, ... */
+    int32_t device_type;  /* c10::DeviceType: 0 CPU, 1 CUDA, ... */
+    uint8_t is_nested;    /* a nested (jagged) tensor */
+    uint8_t is_quantized; /* a quantized dtype */
+    uint8_t has_storage;  /* backed by a plain storage (data_ptr is meaningful) */
+    uint8_t is_neg;       /* a lazily negated view (_neg_view): memory holds -value */
+    uint8_t is_conj;      /* a lazily conjugated view */
+} vf_tensor_facts;
+
+/* Fills *facts for a defined tensor. */
+char *vf_tensor_facts_of(vf_tensor *tensor, vf_tensor_facts *facts);
 
 /*
  * A CPU tensor over `data` with the given sizes and strides (in elements) and dtype (a c10

@@ -55,6 +55,57 @@ pub fn grad_mode_enabled() -> Result<bool, String> {
     }
 }
 
+/// What must be known of a tensor before its sizes or memory are touched (tch's own
+/// accessors panic on nested tensors; sparse and mkldnn tensors have no plain memory).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorFacts {
+    /// c10's layout code: 0 strided, 1 sparse COO, 2 sparse CSR, 3 mkldnn, 4 sparse CSC,
+    /// 5 sparse BSR, 6 sparse BSC, 7 jagged.
+    pub layout: i32,
+    /// c10's device type code: 0 CPU, 1 CUDA.
+    pub device_type: i32,
+    pub is_nested: bool,
+    pub is_quantized: bool,
+    pub has_storage: bool,
+    /// A lazily negated view: memory holds the negated values.
+    pub is_neg: bool,
+    pub is_conj: bool,
+}
+
+/// The [`TensorFacts`] of a defined tensor.
+pub fn tensor_facts(t: &Tensor) -> Result<TensorFacts, String> {
+    let mut facts = ffi::vf_tensor_facts {
+        layout: 0,
+        device_type: 0,
+        is_nested: 0,
+        is_quantized: 0,
+        has_storage: 0,
+        is_neg: 0,
+        is_conj: 0,
+    };
+    // SAFETY: a live tch tensor, borrowed for the call; plain out-parameter.
+    let err = unsafe { ffi::vf_tensor_facts_of(t.as_ptr() as *mut ffi::vf_tensor, &mut facts) };
+    if let Some(message) = take_error(err) {
+        return Err(message);
+    }
+    Ok(TensorFacts {
+        layout: facts.layout,
+        device_type: facts.device_type,
+        is_nested: facts.is_nested != 0,
+        is_quantized: facts.is_quantized != 0,
+        has_storage: facts.has_storage != 0,
+        is_neg: facts.is_neg != 0,
+        is_conj: facts.is_conj != 0,
+    })
+}
+
+/// Runs `f` with grad mode off, restoring the previous mode on every exit, unwinding
+/// included (`tch::no_grad` does not restore it when `f` panics).
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let _restore = tch::no_grad_guard();
+    f()
+}
+
 /// PyTorch's current CUDA stream (`CUstream`) of a device, as libtorch sees it.
 pub fn current_cuda_stream(device_index: usize) -> Result<*mut c_void, String> {
     let mut stream = std::ptr::null_mut();
@@ -117,11 +168,17 @@ pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
 /// Makes `outputs` (computed under no-grad) the outputs of a new autograd node named `name`,
 /// whose next edges are the `inputs`, so that `backward()` calls `backward`. Does nothing
 /// (and drops `backward`) when grad mode is off or no input requires grad.
+///
+/// The `saved` tensors are those whose values `backward` reads (through aliases it captured):
+/// the node keeps them as autograd saved variables, so that an in-place change to any of
+/// them between now and backward is the engine's standard error, as for PyTorch's own ops,
+/// instead of a gradient computed from the changed values.
 /// Returns whether a node was attached.
 pub fn attach<F: BackwardFn>(
     name: &str,
     inputs: &[&Tensor],
     outputs: &[&Tensor],
+    saved: &[&Tensor],
     backward: F,
 ) -> Result<bool, String> {
     let name = CString::new(name).map_err(|_| "node name contains a NUL byte".to_string())?;
@@ -133,6 +190,10 @@ pub fn attach<F: BackwardFn>(
         .map(|t| t.as_ptr() as *mut ffi::vf_tensor)
         .collect();
     let output_ptrs: Vec<*mut ffi::vf_tensor> = outputs
+        .iter()
+        .map(|t| t.as_ptr() as *mut ffi::vf_tensor)
+        .collect();
+    let saved_ptrs: Vec<*mut ffi::vf_tensor> = saved
         .iter()
         .map(|t| t.as_ptr() as *mut ffi::vf_tensor)
         .collect();
@@ -151,6 +212,8 @@ pub fn attach<F: BackwardFn>(
             input_ptrs.len(),
             output_ptrs.as_ptr(),
             output_ptrs.len(),
+            saved_ptrs.as_ptr(),
+            saved_ptrs.len(),
             Box::into_raw(state) as *mut c_void,
             callbacks,
             &mut attached,
@@ -229,7 +292,7 @@ unsafe extern "C" fn backward_trampoline(
             n_inputs
         ),
         Ok(Err(e)) => e.to_string(),
-        Err(panic) => panic_message(&panic),
+        Err(panic) => format!("panic in backward: {}", panic_text(&panic)),
     };
     write_error(&message, error, error_capacity);
     1
@@ -250,13 +313,13 @@ unsafe extern "C" fn drop_trampoline(state: *mut c_void) {
     }));
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    let text = panic
+/// The message a panic carried.
+pub fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string());
-    format!("panic in backward: {text}")
+        .unwrap_or_else(|| "unknown panic".to_string())
 }
 
 #[cfg(test)]

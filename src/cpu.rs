@@ -25,7 +25,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use tch::{Kind, Tensor};
 
-pub use crate::host_pool::{cached_bytes, empty_cache, MAX_CACHED_BYTES};
+pub use crate::host_pool::{
+    cache_limit, cached_bytes, empty_cache, set_cache_limit, CACHE_LIMIT_ENV, MAX_CACHED_BYTES,
+};
 
 use crate::backend::{ForwardOutput, Grads, NeedsGrad};
 use crate::error::{Result, VidError};
@@ -44,6 +46,9 @@ const FLUSH: usize = 64;
 const UNIT_ELEMENTS: usize = 1 << 15;
 /// Channels-last units hold at least this many rows, bounding their partials to numel / 64.
 const MIN_UNIT_ROWS: usize = 64;
+/// Channels-first: each partial sum covers at least this many elements of its channel
+/// (several images' rows when rows are short), bounding the partials to numel / 64 (or C).
+const MIN_SLOT_ELEMENTS: usize = 64;
 /// Below this many elements, one thread does everything.
 const PARALLEL_THRESHOLD: usize = 1 << 16;
 
@@ -294,11 +299,17 @@ fn apply<A: Acc, O: Op<A>>(
 // ---------------------------------------------------------------------------------------
 // Work decomposition
 
-/// A unit of work. Channels-first: rows `rows` of `(n, c)` rows (all of each row), or one
-/// row's elements `begin..end` (a long row cut into parts). Channels-last: rows `rows` of C.
+/// A unit of work. Channels-first: channels `channels` of images `batches`, each `(n, c)` row
+/// whole, or (`parts_per_row > 1`) elements `begin..end` of one row. Channels-last: rows
+/// `rows` of C.
 #[derive(Clone, Debug)]
 struct Unit {
     index: usize,
+    /// Channels-first only.
+    batch_block: usize,
+    batches: std::ops::Range<usize>,
+    channels: std::ops::Range<usize>,
+    /// Channels-last only.
     rows: std::ops::Range<usize>,
     part: usize,
     begin: usize,
@@ -310,80 +321,104 @@ struct Plan {
     geometry: Geometry,
     /// Channels-first: parts per row (1 unless rows are longer than a unit).
     parts_per_row: usize,
+    /// Channels-first: images and channels per unit; short rows take several images so that
+    /// a partial covers at least MIN_SLOT_ELEMENTS elements.
+    batch_per_unit: usize,
+    channels_per_unit: usize,
+    /// Channels-last: rows (of C) per unit.
     rows_per_unit: usize,
     units: usize,
 }
 
 impl Plan {
     fn new(geometry: Geometry) -> Plan {
-        let rows = geometry.batch
-            * match geometry.layout {
-                Layout::ChannelsFirst => geometry.channels,
-                Layout::ChannelsLast => geometry.inner,
-            };
-        let (parts_per_row, rows_per_unit) = match geometry.layout {
-            Layout::ChannelsFirst if geometry.inner > UNIT_ELEMENTS => {
-                (geometry.inner.div_ceil(UNIT_ELEMENTS), 1)
-            }
-            Layout::ChannelsFirst => (1, (UNIT_ELEMENTS / geometry.inner).max(1)),
-            Layout::ChannelsLast => (
-                1,
-                UNIT_ELEMENTS.div_ceil(geometry.channels).max(MIN_UNIT_ROWS),
-            ),
-        };
-        let units = if parts_per_row > 1 {
-            rows * parts_per_row
-        } else {
-            rows.div_ceil(rows_per_unit)
-        };
-        Plan {
+        let Geometry {
+            batch,
+            channels,
+            inner,
+            layout,
+        } = geometry;
+        let mut plan = Plan {
             geometry,
-            parts_per_row,
-            rows_per_unit,
-            units,
+            parts_per_row: 1,
+            batch_per_unit: 1,
+            channels_per_unit: 1,
+            rows_per_unit: 1,
+            units: 0,
+        };
+        match layout {
+            Layout::ChannelsFirst if inner > UNIT_ELEMENTS => {
+                plan.parts_per_row = inner.div_ceil(UNIT_ELEMENTS);
+                plan.units = batch * channels * plan.parts_per_row;
+            }
+            Layout::ChannelsFirst => {
+                plan.batch_per_unit = MIN_SLOT_ELEMENTS.div_ceil(inner).min(batch);
+                plan.channels_per_unit =
+                    (UNIT_ELEMENTS / (plan.batch_per_unit * inner)).clamp(1, channels);
+                plan.units = plan.batch_blocks() * channels.div_ceil(plan.channels_per_unit);
+            }
+            Layout::ChannelsLast => {
+                plan.rows_per_unit = UNIT_ELEMENTS.div_ceil(channels).max(MIN_UNIT_ROWS);
+                plan.units = (batch * inner).div_ceil(plan.rows_per_unit);
+            }
         }
+        plan
     }
 
-    fn rows(&self) -> usize {
-        self.geometry.numel() / self.row_len()
-    }
-
-    fn row_len(&self) -> usize {
-        match self.geometry.layout {
-            Layout::ChannelsFirst => self.geometry.inner,
-            Layout::ChannelsLast => self.geometry.channels,
-        }
+    /// Channels-first: groups of `batch_per_unit` images.
+    fn batch_blocks(&self) -> usize {
+        self.geometry.batch.div_ceil(self.batch_per_unit)
     }
 
     fn unit(&self, index: usize) -> Unit {
-        let row_len = self.row_len();
-        if self.parts_per_row > 1 {
-            let (row, part) = (index / self.parts_per_row, index % self.parts_per_row);
-            let begin = part * UNIT_ELEMENTS;
-            let end = (begin + UNIT_ELEMENTS).min(row_len);
-            return Unit {
-                index,
-                rows: row..row + 1,
-                part,
-                begin,
-                end,
-            };
-        }
-        let first = index * self.rows_per_unit;
-        let last = (first + self.rows_per_unit).min(self.rows());
-        Unit {
+        let g = &self.geometry;
+        let mut unit = Unit {
             index,
-            rows: first..last,
+            batch_block: 0,
+            batches: 0..0,
+            channels: 0..0,
+            rows: 0..0,
             part: 0,
             begin: 0,
-            end: row_len,
+            end: 0,
+        };
+        match g.layout {
+            Layout::ChannelsFirst if self.parts_per_row > 1 => {
+                let (row, part) = (index / self.parts_per_row, index % self.parts_per_row);
+                let (n, c) = (row / g.channels, row % g.channels);
+                unit.batch_block = n;
+                unit.batches = n..n + 1;
+                unit.channels = c..c + 1;
+                unit.part = part;
+                unit.begin = part * UNIT_ELEMENTS;
+                unit.end = (unit.begin + UNIT_ELEMENTS).min(g.inner);
+            }
+            Layout::ChannelsFirst => {
+                let channel_blocks = g.channels.div_ceil(self.channels_per_unit);
+                let (block, cb) = (index / channel_blocks, index % channel_blocks);
+                let first_n = block * self.batch_per_unit;
+                let first_c = cb * self.channels_per_unit;
+                unit.batch_block = block;
+                unit.batches = first_n..(first_n + self.batch_per_unit).min(g.batch);
+                unit.channels = first_c..(first_c + self.channels_per_unit).min(g.channels);
+                unit.end = g.inner;
+            }
+            Layout::ChannelsLast => {
+                let first = index * self.rows_per_unit;
+                unit.rows = first..(first + self.rows_per_unit).min(g.batch * g.inner);
+                unit.end = g.channels;
+            }
         }
+        unit
     }
 
-    /// Partial-sum slots per sum: one per (row, part) channels-first, C per unit channels-last.
+    /// Partial-sum slots per sum. Channels-first: one per (image block, channel, part), slot
+    /// `(block * C + c) * parts_per_row + part`; channels-last: C per unit.
     fn slots(&self) -> usize {
         match self.geometry.layout {
-            Layout::ChannelsFirst => self.rows() * self.parts_per_row,
+            Layout::ChannelsFirst => {
+                self.batch_blocks() * self.geometry.channels * self.parts_per_row
+            }
             Layout::ChannelsLast => self.units * self.geometry.channels,
         }
     }
@@ -600,44 +635,48 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
         }
     }
 
-    /// Channels-first: each row (part) is one channel; LANES accumulators per sum.
+    /// Channels-first: each row (part) is one channel; LANES accumulators per sum, flushed
+    /// at the end of every row; one partial per channel of the unit.
     #[inline(always)]
     fn channels_first(&self, unit: &Unit, bufs: &mut Buffers<E::Acc>) {
         let g = &self.plan.geometry;
-        for row in unit.rows.clone() {
-            let c = row % g.channels;
+        for c in unit.channels.clone() {
             let (p, q) = (
                 [self.params.first[c]; LANES],
                 [self.params.second[c]; LANES],
             );
             let mut lanes = [[E::Acc::default(); LANES]; 2];
             let mut totals = [0.0f64; 2];
-            let (mut at, end) = (row * g.inner + unit.begin, row * g.inner + unit.end);
-            let mut since_flush = 0;
-            while at < end {
-                let n = CHUNK.min(end - at);
-                {
-                    let mut io = self.load_chunk(bufs, at, n);
-                    let [l0, l1] = &mut lanes;
-                    let full = n / LANES * LANES;
-                    for b in (0..full).step_by(LANES) {
-                        // Fixed-length blocks: the loop in `apply` becomes straight vector code.
-                        apply_lanes::<_, O>(&p, &q, &mut io, b..b + LANES, l0, l1);
+            for n in unit.batches.clone() {
+                let row = n * g.channels + c;
+                let (mut at, end) = (row * g.inner + unit.begin, row * g.inner + unit.end);
+                let mut since_flush = 0;
+                while at < end {
+                    let n = CHUNK.min(end - at);
+                    {
+                        let mut io = self.load_chunk(bufs, at, n);
+                        let [l0, l1] = &mut lanes;
+                        let full = n / LANES * LANES;
+                        for b in (0..full).step_by(LANES) {
+                            // Fixed-length blocks: the loop in `apply` becomes straight vector code.
+                            apply_lanes::<_, O>(&p, &q, &mut io, b..b + LANES, l0, l1);
+                        }
+                        if full < n {
+                            apply_lanes::<_, O>(&p, &q, &mut io, full..n, l0, l1);
+                        }
                     }
-                    if full < n {
-                        apply_lanes::<_, O>(&p, &q, &mut io, full..n, l0, l1);
+                    self.finish_chunk(bufs, at, n);
+                    at += n;
+                    since_flush += n;
+                    if O::SUMS > 0 && (since_flush >= FLUSH * LANES || at == end) {
+                        flush(&mut lanes, &mut totals);
+                        since_flush = 0;
                     }
-                }
-                self.finish_chunk(bufs, at, n);
-                at += n;
-                since_flush += n;
-                if O::SUMS > 0 && (since_flush >= FLUSH * LANES || at == end) {
-                    flush(&mut lanes, &mut totals);
-                    since_flush = 0;
                 }
             }
             if O::SUMS > 0 {
-                self.write_partials(row * self.plan.parts_per_row + unit.part, &totals);
+                let slot = (unit.batch_block * g.channels + c) * self.plan.parts_per_row;
+                self.write_partials(slot + unit.part, &totals);
             }
         }
     }
@@ -820,7 +859,7 @@ macro_rules! dispatch_dtype {
 }
 
 fn channel_params(problem: &VidProblem) -> Result<ChannelParams> {
-    let alpha = Vec::<f64>::try_from(&problem.log_scale.to_kind(Kind::Double))?;
+    let alpha = Vec::<f64>::try_from(&problem.log_scale.f_to_kind(Kind::Double)?)?;
     Ok(ChannelParams::new(&alpha, problem.options.eps_value()))
 }
 
@@ -835,6 +874,16 @@ fn loss_params<A: Acc>(params: &ChannelParams, constant: f64) -> ChannelValues<A
 /// SumSq uses no parameters.
 fn unused_params<A: Acc>(channels: usize) -> ChannelValues<A> {
     ChannelValues::single(std::iter::repeat(0.0).take(channels))
+}
+
+/// A CPU scalar of `kind` holding `value` rounded as a cast does: a value beyond the dtype's
+/// range becomes +-inf, as plain tch ops give (`scalar_tensor` refuses it instead).
+fn scalar_of_kind(value: f64, kind: Kind) -> Result<Tensor> {
+    let scalar = match kind {
+        Kind::Double => Tensor::from(value),
+        _ => Tensor::from(value as f32),
+    };
+    Ok(scalar.f_to_kind(kind)?)
 }
 
 /// Fused CPU forward.
@@ -855,7 +904,7 @@ pub(crate) fn forward(problem: &VidProblem) -> Result<ForwardOutput> {
                 let unused = unused_params(problem.geometry.channels);
                 let q = run_pass::<E, SumSq>(&plan, &unused, inputs, None, None).remove(0);
                 let value = params.reduced_loss(&q, &problem.geometry, opts, reduction);
-                let loss = Tensor::f_scalar_tensor(value, (problem.kind(), problem.device()))?;
+                let loss = scalar_of_kind(value, problem.kind())?;
                 Ok(ForwardOutput { loss, channel_sumsq: Some(Tensor::from_slice(&q)) })
             }
         }
@@ -885,7 +934,7 @@ pub(crate) fn backward(
         let out_negated = grad_target.as_mut().map(elements_mut::<E>);
         match opts.reduction_mode() {
             Reduction::None => {
-                let upstream = problem.in_layout(&grad.f_to_kind(problem.kind())?);
+                let upstream = problem.f_in_layout(&grad.f_to_kind(problem.kind())?)?;
                 let inputs = [mean, target, elements::<E>(&upstream)];
                 let inv_var = ChannelValues::single(params.var.iter().map(|v| 1.0 / v));
                 let r = run_pass::<E, NoneBackward>(&plan, &inv_var, inputs, out, out_negated);
@@ -896,7 +945,7 @@ pub(crate) fn backward(
             reduction => {
                 let q = channel_sumsq.ok_or_else(|| VidError::Autograd("missing saved sums".into()))?;
                 let q = Vec::<f64>::try_from(q)?;
-                let upstream = grad.to_kind(Kind::Double).f_double_value(&[])?;
+                let upstream = grad.f_to_kind(Kind::Double)?.f_double_value(&[])?;
                 let k = upstream * params.reduction_factor(&problem.geometry, reduction);
                 if out.is_some() || out_negated.is_some() {
                     let scale = ChannelValues::single(params.var.iter().map(|v| k / v));

@@ -3,7 +3,10 @@
 use thiserror::Error;
 
 /// Everything that can go wrong in vidfuse. Messages name the argument and what was expected.
+///
+/// Non-exhaustive: new kinds of failure may be added without a breaking change.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum VidError {
     /// An argument had a bad shape, dtype, device, layout or value.
     #[error("invalid argument `{arg}`: {message}")]
@@ -44,6 +47,9 @@ pub enum VidError {
         /// The driver's message.
         message: String,
     },
+    /// A bug in vidfuse: a panic inside the op, caught before it reached the caller.
+    #[error("internal error in vidfuse (please report it): {0}")]
+    Internal(String),
     /// A kernel launch failed (on the device or in the host emulation).
     #[error("kernel launch `{kernel}` failed: {message}")]
     Launch {

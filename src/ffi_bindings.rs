@@ -37,9 +37,28 @@ unsafe extern "C" {
         n_inputs: usize,
         outputs: *const *mut vf_tensor,
         n_outputs: usize,
+        saved: *const *mut vf_tensor,
+        n_saved: usize,
         state: *mut ::std::os::raw::c_void,
         callbacks: vf_node_callbacks,
         attached: *mut i32,
+    ) -> *mut ::std::os::raw::c_char;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct vf_tensor_facts {
+    pub layout: i32,
+    pub device_type: i32,
+    pub is_nested: u8,
+    pub is_quantized: u8,
+    pub has_storage: u8,
+    pub is_neg: u8,
+    pub is_conj: u8,
+}
+unsafe extern "C" {
+    pub fn vf_tensor_facts_of(
+        tensor: *mut vf_tensor,
+        facts: *mut vf_tensor_facts,
     ) -> *mut ::std::os::raw::c_char;
 }
 pub type vf_release_data_fn = ::std::option::Option<

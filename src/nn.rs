@@ -164,6 +164,27 @@ pub struct VidLoss {
     cfg: VidConfig,
 }
 
+fn check_lambda(lambda: f64) -> Result<(), VidError> {
+    if !lambda.is_finite() {
+        return Err(VidError::invalid(
+            "lambda",
+            format!("must be finite, got {lambda}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `e` with the pair's index in its message.
+fn in_pair(k: usize, e: VidError) -> VidError {
+    match e {
+        VidError::InvalidArgument { arg, message } => VidError::InvalidArgument {
+            arg,
+            message: format!("pair {k}: {message}"),
+        },
+        other => other,
+    }
+}
+
 fn check_dim(arg: &'static str, n: i64, what: &str) -> Result<(), VidError> {
     if n <= 0 {
         return Err(VidError::invalid(
@@ -174,18 +195,198 @@ fn check_dim(arg: &'static str, n: i64, what: &str) -> Result<(), VidError> {
     Ok(())
 }
 
+/// A parameter a constructor is about to create: where under the module's path, its shape
+/// and its initialisation.
+struct ParamSpec {
+    /// Sub-path under the module's path, e.g. `["regressor", "0"]`.
+    path: Vec<String>,
+    name: &'static str,
+    dims: Vec<i64>,
+    init: nn::Init,
+}
+
+impl ParamSpec {
+    fn new(path: &[&str], name: &'static str, dims: &[i64], init: nn::Init) -> Self {
+        ParamSpec {
+            path: path.iter().map(|s| s.to_string()).collect(),
+            name,
+            dims: dims.to_vec(),
+            init,
+        }
+    }
+
+    fn display_name(&self) -> String {
+        let mut parts = self.path.clone();
+        parts.push(self.name.to_string());
+        parts.join(".")
+    }
+}
+
+/// The tensors of a module, created but not yet in the VarStore. Constructors create every
+/// tensor first and register them only once all exist, so a refused or failed constructor
+/// leaves nothing behind (no orphan parameter gets optimised or saved).
+struct PendingParams {
+    params: Vec<(ParamSpec, Tensor)>,
+}
+
+impl PendingParams {
+    /// Checks every size (no overflow, allocatable), then creates every tensor.
+    fn create(vs: &nn::Path, specs: Vec<ParamSpec>) -> Result<PendingParams, VidError> {
+        let bytes_per_element = vs.kind().elt_size_in_bytes() as i64;
+        for spec in &specs {
+            let numel = spec
+                .dims
+                .iter()
+                .try_fold(1i64, |acc, &d| acc.checked_mul(d))
+                .filter(|n| n.checked_mul(bytes_per_element).is_some());
+            if numel.is_none() {
+                return Err(VidError::invalid(
+                    "size",
+                    format!(
+                        "the parameter `{}` would have shape {:?}: more elements than can be addressed",
+                        spec.display_name(),
+                        spec.dims
+                    ),
+                ));
+            }
+        }
+        let mut params = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let tensor = nn::f_init(spec.init, &spec.dims, vs.device(), vs.kind())
+                .map_err(|e| VidError::Torch(format!("creating `{}`: {e}", spec.display_name())))?;
+            params.push((spec, tensor));
+        }
+        Ok(PendingParams { params })
+    }
+
+    /// Adds every tensor to the VarStore under `vs` as a trainable variable, in order.
+    fn register(self, vs: &nn::Path) -> Vec<Tensor> {
+        self.params
+            .into_iter()
+            .map(|(spec, tensor)| {
+                let path = spec
+                    .path
+                    .iter()
+                    .fold(vs.clone(), |p, part| p / part.as_str());
+                path.add(spec.name, tensor, true)
+            })
+            .collect()
+    }
+}
+
+/// What a VidLoss is made of, before its parameters are registered.
+struct PendingVidLoss {
+    params: PendingParams,
+    kind: PendingKind,
+    student_dim: i64,
+    teacher_dim: i64,
+    cfg: VidConfig,
+}
+
+enum PendingKind {
+    Conv,
+    Linear,
+    VectorToMap { size: (i64, i64) },
+}
+
+impl PendingVidLoss {
+    /// Registers the parameters (log_scale first, then the regressor's) and builds the module.
+    fn register(self, vs: &nn::Path) -> VidLoss {
+        let mut tensors = self.params.register(vs).into_iter();
+        let mut next = || tensors.next().expect("one tensor per spec");
+        let log_scale = next();
+        let regressor = match self.kind {
+            PendingKind::Conv => Regressor::Conv {
+                ws: [next(), next(), next()],
+            },
+            PendingKind::Linear => Regressor::Linear {
+                ws: next(),
+                bs: next(),
+            },
+            PendingKind::VectorToMap { size } => Regressor::VectorToMap {
+                ws: next(),
+                bs: next(),
+                size,
+            },
+        };
+        VidLoss {
+            regressor,
+            log_scale,
+            student_dim: self.student_dim,
+            teacher_dim: self.teacher_dim,
+            cfg: self.cfg,
+        }
+    }
+}
+
+fn log_scale_spec(teacher_dim: i64, cfg: &VidConfig) -> ParamSpec {
+    ParamSpec::new(
+        &[],
+        "log_scale",
+        &[teacher_dim],
+        nn::Init::Const(cfg.initial_log_scale()),
+    )
+}
+
+/// A linear regressor's weight and bias, as `nn::linear` makes them.
+fn linear_specs(in_dim: i64, out_dim: i64) -> [ParamSpec; 2] {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    [
+        ParamSpec::new(
+            &["regressor"],
+            "weight",
+            &[out_dim, in_dim],
+            nn::LinearConfig::default().ws_init,
+        ),
+        ParamSpec::new(
+            &["regressor"],
+            "bias",
+            &[out_dim],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        ),
+    ]
+}
+
 impl VidLoss {
-    fn make_log_scale(vs: &nn::Path, teacher_dim: i64, cfg: &VidConfig) -> Tensor {
-        vs.var(
-            "log_scale",
-            &[teacher_dim],
-            nn::Init::Const(cfg.initial_log_scale()),
-        )
+    fn pending_conv(
+        vs: &nn::Path,
+        student_channels: i64,
+        teacher_channels: i64,
+        cfg: VidConfig,
+    ) -> Result<PendingVidLoss, VidError> {
+        cfg.validate()?;
+        check_dim("student_channels", student_channels, "the channel count")?;
+        check_dim("teacher_channels", teacher_channels, "the channel count")?;
+        let hidden = cfg.hidden_channels.unwrap_or(teacher_channels);
+        let conv = |name: &str, i: i64, o: i64| {
+            ParamSpec::new(
+                &["regressor", name],
+                "weight",
+                &[o, i, 1, 1],
+                nn::ConvConfig::default().ws_init,
+            )
+        };
+        let specs = vec![
+            log_scale_spec(teacher_channels, &cfg),
+            conv("0", student_channels, hidden),
+            conv("2", hidden, hidden),
+            conv("4", hidden, teacher_channels),
+        ];
+        Ok(PendingVidLoss {
+            params: PendingParams::create(vs, specs)?,
+            kind: PendingKind::Conv,
+            student_dim: student_channels,
+            teacher_dim: teacher_channels,
+            cfg,
+        })
     }
 
     /// VID-I for feature maps: student `[N, student_channels, Hs, Ws]`, teacher
-    /// `[N, teacher_channels, Ht, Wt]`. Returns an error on a non-positive channel count or
-    /// a bad config.
+    /// `[N, teacher_channels, Ht, Wt]`. Returns an error on a non-positive channel count,
+    /// sizes too large to allocate, or a bad config; then no variable is created.
     pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(
         vs: P,
         student_channels: i64,
@@ -193,24 +394,7 @@ impl VidLoss {
         cfg: VidConfig,
     ) -> Result<VidLoss, VidError> {
         let vs = vs.borrow();
-        cfg.validate()?;
-        check_dim("student_channels", student_channels, "the channel count")?;
-        check_dim("teacher_channels", teacher_channels, "the channel count")?;
-        let hidden = cfg.hidden_channels.unwrap_or(teacher_channels);
-        let reg = vs / "regressor";
-        let conv = |name: &str, i: i64, o: i64| nn::conv2d(&reg / name, i, o, 1, nn::no_bias()).ws;
-        let ws = [
-            conv("0", student_channels, hidden),
-            conv("2", hidden, hidden),
-            conv("4", hidden, teacher_channels),
-        ];
-        Ok(VidLoss {
-            regressor: Regressor::Conv { ws },
-            log_scale: Self::make_log_scale(vs, teacher_channels, &cfg),
-            student_dim: student_channels,
-            teacher_dim: teacher_channels,
-            cfg,
-        })
+        Ok(Self::pending_conv(vs, student_channels, teacher_channels, cfg)?.register(vs))
     }
 
     /// VID-I for feature maps (panicking form of [`VidLoss::f_new`]).
@@ -250,22 +434,16 @@ impl VidLoss {
         cfg.validate()?;
         check_dim("student_dim", student_dim, "the size")?;
         check_dim("teacher_dim", teacher_dim, "the size")?;
-        let lin = nn::linear(
-            vs / "regressor",
-            student_dim,
-            teacher_dim,
-            Default::default(),
-        );
-        Ok(VidLoss {
-            regressor: Regressor::Linear {
-                ws: lin.ws,
-                bs: lin.bs.expect("linear layer has a bias"),
-            },
-            log_scale: Self::make_log_scale(vs, teacher_dim, &cfg),
+        let [ws, bs] = linear_specs(student_dim, teacher_dim);
+        let specs = vec![log_scale_spec(teacher_dim, &cfg), ws, bs];
+        Ok(PendingVidLoss {
+            params: PendingParams::create(vs, specs)?,
+            kind: PendingKind::Linear,
             student_dim,
             teacher_dim,
             cfg,
-        })
+        }
+        .register(vs))
     }
 
     /// VID-LP / vectors (panicking form of [`VidLoss::f_linear`]): e.g. the student's
@@ -307,19 +485,28 @@ impl VidLoss {
         check_dim("teacher_channels", teacher_channels, "the channel count")?;
         check_dim("size", size.0, "the height")?;
         check_dim("size", size.1, "the width")?;
-        let out = teacher_channels * size.0 * size.1;
-        let lin = nn::linear(vs / "regressor", student_dim, out, Default::default());
-        Ok(VidLoss {
-            regressor: Regressor::VectorToMap {
-                ws: lin.ws,
-                bs: lin.bs.expect("linear layer has a bias"),
-                size,
-            },
-            log_scale: Self::make_log_scale(vs, teacher_channels, &cfg),
+        let out = teacher_channels
+            .checked_mul(size.0)
+            .and_then(|n| n.checked_mul(size.1))
+            .ok_or_else(|| {
+                VidError::invalid(
+                    "size",
+                    format!(
+                        "{teacher_channels} channels of {}x{} overflow the regressor's output size",
+                        size.0, size.1
+                    ),
+                )
+            })?;
+        let [ws, bs] = linear_specs(student_dim, out);
+        let specs = vec![log_scale_spec(teacher_channels, &cfg), ws, bs];
+        Ok(PendingVidLoss {
+            params: PendingParams::create(vs, specs)?,
+            kind: PendingKind::VectorToMap { size },
             student_dim,
             teacher_dim: teacher_channels,
             cfg,
-        })
+        }
+        .register(vs))
     }
 
     /// Vector -> feature map (panicking form of [`VidLoss::f_vector_to_map`]).
@@ -347,7 +534,7 @@ impl VidLoss {
     /// The per-channel variance `softplus(log_scale) + eps` now, `[teacher channels]`,
     /// detached, in `log_scale`'s dtype (computed in f64).
     pub fn variance(&self) -> Tensor {
-        tch::no_grad(|| {
+        crate::autograd::no_grad(|| {
             (self.log_scale.to_kind(Kind::Double).softplus() + self.cfg.eps)
                 .to_kind(self.log_scale.kind())
         })
@@ -573,9 +760,21 @@ impl VidDistiller {
         cfg: VidConfig,
     ) -> Result<VidDistiller, VidError> {
         let vs = vs.borrow();
+        // Everything is checked and every tensor created before any is registered: a refused
+        // pair leaves the VarStore as it was.
+        for (k, &(_, _, lambda)) in pairs.iter().enumerate() {
+            check_lambda(lambda).map_err(|e| in_pair(k, e))?;
+        }
+        let pending = pairs
+            .iter()
+            .enumerate()
+            .map(|(k, &(s, t, _))| {
+                VidLoss::pending_conv(&(vs / k), s, t, cfg).map_err(|e| in_pair(k, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut d = VidDistiller::empty();
-        for (k, &(s, t, lambda)) in pairs.iter().enumerate() {
-            d.f_push(VidLoss::f_new(vs / k, s, t, cfg)?, lambda)?;
+        for (k, (loss, &(_, _, lambda))) in pending.into_iter().zip(pairs).enumerate() {
+            d.pairs.push((loss.register(&(vs / k)), lambda));
         }
         Ok(d)
     }
@@ -597,12 +796,7 @@ impl VidDistiller {
 
     /// Adds a pair with weight `lambda` (finite); returns an error otherwise.
     pub fn f_push(&mut self, loss: VidLoss, lambda: f64) -> Result<&mut Self, VidError> {
-        if !lambda.is_finite() {
-            return Err(VidError::invalid(
-                "lambda",
-                format!("must be finite, got {lambda}"),
-            ));
-        }
+        check_lambda(lambda)?;
         self.pairs.push((loss, lambda));
         Ok(self)
     }

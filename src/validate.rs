@@ -3,6 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::autograd;
 use crate::error::{Result, VidError};
 use crate::options::VidOptions;
 
@@ -66,9 +67,15 @@ impl VidProblem {
         self.mean.device()
     }
 
-    /// Brings a tensor of `mean`'s shape (an upstream gradient, say) into the problem's layout.
+    /// Brings a tensor of `mean`'s shape (an upstream gradient, say) into the problem's
+    /// layout, detached; a lazily negated view is resolved.
+    pub fn f_in_layout(&self, t: &Tensor) -> Result<Tensor> {
+        to_layout(&resolved(t)?, self.geometry.layout)
+    }
+
+    /// [`VidProblem::f_in_layout`], panicking on failure.
     pub fn in_layout(&self, t: &Tensor) -> Tensor {
-        to_layout(t, self.geometry.layout)
+        self.f_in_layout(t).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -79,6 +86,74 @@ fn device_name(d: Device) -> String {
         Device::Cpu => "cpu".into(),
         Device::Cuda(i) => format!("cuda:{i}"),
         other => format!("{other:?}"),
+    }
+}
+
+/// Names of c10's layouts, by code.
+const LAYOUT_NAMES: [&str; 8] = [
+    "strided",
+    "sparse COO",
+    "sparse CSR",
+    "mkldnn",
+    "sparse CSC",
+    "sparse BSR",
+    "sparse BSC",
+    "jagged",
+];
+
+/// Refuses what the kernels cannot read as plain strided memory, before anything touches the
+/// tensor's sizes (tch's accessors panic on nested tensors) or its data pointer.
+fn check_plain(name: &'static str, t: &Tensor) -> Result<()> {
+    if !t.defined() {
+        return Err(VidError::invalid(name, "tensor is undefined"));
+    }
+    let facts = autograd::tensor_facts(t).map_err(VidError::Torch)?;
+    let refuse = |what: String| {
+        Err(VidError::invalid(
+            name,
+            format!("expected a dense strided CPU or CUDA tensor, got {what}"),
+        ))
+    };
+    if facts.is_nested {
+        return refuse("a nested tensor".into());
+    }
+    if facts.layout != 0 {
+        let layout = LAYOUT_NAMES.get(facts.layout as usize).map_or_else(
+            || format!("layout code {}", facts.layout),
+            |n| n.to_string(),
+        );
+        return refuse(format!(
+            "a {layout} tensor (convert it with to_dense() first)"
+        ));
+    }
+    if facts.is_quantized {
+        return refuse("a quantized tensor (dequantize it first)".into());
+    }
+    if facts.device_type != 0 && facts.device_type != 1 {
+        return refuse(format!("a tensor on c10 device type {}", facts.device_type));
+    }
+    if !facts.has_storage {
+        return refuse("a tensor without storage".into());
+    }
+    if facts.is_conj {
+        return refuse("a conjugate view".into());
+    }
+    Ok(())
+}
+
+/// `t`, detached, with a lazy negation (`_neg_view`) applied to the values in memory.
+fn resolved(t: &Tensor) -> Result<Tensor> {
+    let facts = autograd::tensor_facts(t).map_err(VidError::Torch)?;
+    let t = t.f_detach()?;
+    Ok(if facts.is_neg { t.f_resolve_neg()? } else { t })
+}
+
+/// The smallest `eps` a dtype's accumulation handles: below the smallest normal number of
+/// the accumulation type, `1 / var` overflows where `log_scale` is very negative.
+fn eps_floor(kind: Kind) -> (f64, &'static str) {
+    match kind {
+        Kind::Double => (f64::MIN_POSITIVE, "f64"),
+        _ => (f32::MIN_POSITIVE as f64, "f32"),
     }
 }
 
@@ -96,9 +171,7 @@ pub fn validate(
         ));
     }
     for (name, t) in [("mean", mean), ("target", target), ("log_scale", log_scale)] {
-        if !t.defined() {
-            return Err(VidError::invalid(name, "tensor is undefined"));
-        }
+        check_plain(name, t)?;
     }
     let kind = mean.f_kind()?;
     if !FLOAT_KINDS.contains(&kind) {
@@ -165,6 +238,17 @@ pub fn validate(
         ));
     }
 
+    let (floor, acc_name) = eps_floor(kind);
+    if options.eps < floor {
+        return Err(VidError::invalid(
+            "eps",
+            format!(
+                "{} is below {floor:e}, the smallest normal {acc_name} (the accumulation type of {kind:?} inputs)",
+                options.eps
+            ),
+        ));
+    }
+
     let inner: i64 = shape[2..].iter().product();
     // Anything else is copied into the layout the kernels read best: rows of C when there
     // is no spatial extent, NCHW otherwise.
@@ -181,9 +265,9 @@ pub fn validate(
         layout,
     };
     Ok(VidProblem {
-        mean: to_layout(&mean.detach(), layout),
-        target: to_layout(&target.detach(), layout),
-        log_scale: log_scale.detach().contiguous(),
+        mean: to_layout(&resolved(mean)?, layout)?,
+        target: to_layout(&resolved(target)?, layout)?,
+        log_scale: resolved(log_scale)?.f_contiguous()?,
         geometry,
         options: *options,
     })
@@ -226,12 +310,12 @@ fn is_dense_in_order(t: &Tensor, order: &[usize]) -> bool {
 }
 
 /// `t` in `layout`: a shallow alias when it already is, else a copy.
-fn to_layout(t: &Tensor, layout: Layout) -> Tensor {
+fn to_layout(t: &Tensor, layout: Layout) -> Result<Tensor> {
     if layout_of(t) == Some(layout) || (layout == Layout::ChannelsFirst && t.is_contiguous()) {
-        return t.shallow_clone();
+        return Ok(t.shallow_clone());
     }
-    match layout {
-        Layout::ChannelsFirst => t.contiguous(),
+    Ok(match layout {
+        Layout::ChannelsFirst => t.f_contiguous()?,
         Layout::ChannelsLast => {
             let order: Vec<i64> = channels_last_order(t.dim())
                 .iter()
@@ -241,7 +325,9 @@ fn to_layout(t: &Tensor, layout: Layout) -> Tensor {
             for (position, &d) in order.iter().enumerate() {
                 inverse[d as usize] = position as i64;
             }
-            t.permute(&order[..]).contiguous().permute(&inverse[..])
+            t.f_permute(&order[..])?
+                .f_contiguous()?
+                .f_permute(&inverse[..])?
         }
-    }
+    })
 }
