@@ -411,7 +411,8 @@ struct LogScaleGradArgs {
 };
 
 // d loss / d alpha_c = 0.5 (A_c / var - B_c / var^2) sigmoid(alpha_c), with
-// (A, B) = g k (M, Q_c) for Mean/Sum and (R1_c, R2_c) for None.
+// (A, B) = g k (M, Q_c) for Mean/Sum and (R1_c, R2_c) for None; computed as
+// (A - B / var) / var, since var^2 underflows to 0 for var near the smallest normal.
 template <typename A> __device__ void log_scale_grad(const LogScaleGradArgs &a) {
     const A *sums = static_cast<const A *>(a.sums);
     for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < a.channels;
@@ -427,7 +428,7 @@ template <typename A> __device__ void log_scale_grad(const LogScaleGradArgs &a) 
             first = (double)sums[2 * c];
             second = (double)sums[2 * c + 1];
         }
-        static_cast<A *>(a.out)[c] = (A)(0.5 * (first / var - second / (var * var)) * sigmoid(alpha));
+        static_cast<A *>(a.out)[c] = (A)(0.5 * ((first - second / var) / var) * sigmoid(alpha));
     }
 }
 

@@ -326,6 +326,15 @@ pub fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 mod tests {
     use super::*;
 
+    /// A panic inside `no_grad` leaves grad mode as it was (tch::no_grad does not).
+    #[test]
+    fn no_grad_restores_grad_mode_when_unwinding() {
+        assert!(grad_mode_enabled().unwrap());
+        let r = catch_unwind(|| no_grad(|| panic!("inside")));
+        assert!(r.is_err());
+        assert!(grad_mode_enabled().unwrap(), "grad mode left off");
+    }
+
     /// The indices run on libtorch's pool: with two intra-op threads, on two threads (the
     /// shim must be built with OpenMP, or at::parallel_for silently runs serially).
     #[test]

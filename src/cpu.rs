@@ -963,3 +963,87 @@ pub(crate) fn backward(
     grads.target = grad_target;
     Ok(grads)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry(batch: usize, channels: usize, inner: usize, layout: Layout) -> Geometry {
+        Geometry {
+            batch,
+            channels,
+            inner,
+            layout,
+        }
+    }
+
+    /// Partial sums stay a small fraction of the inputs: at most numel / 64 per plane (or C
+    /// when there are fewer than 64 elements per channel), 1/16 of two bf16 inputs' bytes
+    /// with both planes of f64. Short NCHW rows once had one partial per (n, c) row.
+    #[test]
+    fn partials_are_bounded_by_the_input_size() {
+        let cases = [
+            geometry(2048, 24414, 2, Layout::ChannelsFirst),
+            geometry(4096, 1000, 3, Layout::ChannelsFirst),
+            geometry(64, 256, 49, Layout::ChannelsFirst),
+            geometry(256, 512, 64, Layout::ChannelsFirst),
+            geometry(1, 100_000, 2, Layout::ChannelsFirst),
+            geometry(3, 5, 100_000, Layout::ChannelsFirst),
+            geometry(8192, 32000, 1, Layout::ChannelsLast),
+            geometry(64, 3, 1024, Layout::ChannelsLast),
+            geometry(7, 1, 1, Layout::ChannelsLast),
+        ];
+        for g in cases {
+            let plan = Plan::new(g);
+            let bound = (g.numel() / MIN_SLOT_ELEMENTS).max(g.channels);
+            assert!(
+                plan.slots() <= bound,
+                "{g:?}: {} partial slots, bound {bound}",
+                plan.slots()
+            );
+        }
+    }
+
+    /// Every element belongs to exactly one unit, and every slot to exactly one unit.
+    #[test]
+    fn units_cover_every_element_and_slot_once() {
+        for g in [
+            geometry(5, 7, 3, Layout::ChannelsFirst),
+            geometry(130, 3, 2, Layout::ChannelsFirst),
+            geometry(2, 3, 70_000, Layout::ChannelsFirst),
+            geometry(9, 700, 50, Layout::ChannelsFirst),
+            geometry(300, 5, 7, Layout::ChannelsLast),
+        ] {
+            let plan = Plan::new(g);
+            let mut elements = vec![0u8; g.numel()];
+            let mut slots = vec![0u8; plan.slots()];
+            for index in 0..plan.units {
+                let u = plan.unit(index);
+                match g.layout {
+                    Layout::ChannelsFirst => {
+                        for c in u.channels.clone() {
+                            for n in u.batches.clone() {
+                                let row = n * g.channels + c;
+                                for e in row * g.inner + u.begin..row * g.inner + u.end {
+                                    elements[e] += 1;
+                                }
+                            }
+                            let slot = (u.batch_block * g.channels + c) * plan.parts_per_row;
+                            slots[slot + u.part] += 1;
+                        }
+                    }
+                    Layout::ChannelsLast => {
+                        for e in u.rows.start * g.channels..u.rows.end * g.channels {
+                            elements[e] += 1;
+                        }
+                        for s in u.index * g.channels..(u.index + 1) * g.channels {
+                            slots[s] += 1;
+                        }
+                    }
+                }
+            }
+            assert!(elements.iter().all(|&k| k == 1), "{g:?}: elements");
+            assert!(slots.iter().all(|&k| k == 1), "{g:?}: slots");
+        }
+    }
+}

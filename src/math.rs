@@ -89,7 +89,9 @@ impl ChannelParams {
         (0..q.len())
             .map(|c| {
                 let v = self.var[c];
-                k * 0.5 * (m / v - q[c] / (v * v)) * self.sigmoid[c]
+                // (m - q / v) / v, not m / v - q / v^2: v^2 underflows for v near the
+                // smallest normal.
+                k * 0.5 * ((m - q[c] / v) / v) * self.sigmoid[c]
             })
             .collect()
     }
@@ -99,7 +101,7 @@ impl ChannelParams {
         (0..r1.len())
             .map(|c| {
                 let v = self.var[c];
-                0.5 * (r1[c] / v - r2[c] / (v * v)) * self.sigmoid[c]
+                0.5 * ((r1[c] - r2[c] / v) / v) * self.sigmoid[c]
             })
             .collect()
     }

@@ -1,6 +1,7 @@
 //! The CPU backend's cache of output buffers: outputs of 1 MiB or more are recycled, stay
-//! correct when recycled (fresh inputs each time, so stale values would show), and the cache
-//! can be emptied. One test: the cache is process-wide.
+//! correct when recycled (fresh inputs each time, so stale values would show), nearby sizes
+//! share size classes, the limit holds and is settable, and the cache can be emptied.
+//! One test calling the parts in order: the cache is process-wide.
 
 mod common;
 
@@ -9,6 +10,12 @@ use tch::Kind;
 use vidfuse::{Reduction, VidOptions};
 
 #[test]
+fn host_output_cache() {
+    recycled_output_buffers_are_reused_correct_and_releasable();
+    nearby_sizes_share_buffers();
+    the_limit_is_settable_and_evicts_the_oldest();
+}
+
 fn recycled_output_buffers_are_reused_correct_and_releasable() {
     vidfuse::cpu::empty_cache();
     assert_eq!(vidfuse::cpu::cached_bytes(), 0);
@@ -43,4 +50,68 @@ fn recycled_output_buffers_are_reused_correct_and_releasable() {
     assert_eq!(vidfuse::cpu::cached_bytes(), before);
     vidfuse::cpu::empty_cache();
     assert_eq!(vidfuse::cpu::cached_bytes(), 0);
+}
+
+/// A training loop whose batch size varies (64 sizes between 1 and 2 MiB of output) keeps a
+/// handful of buffers, not one per size.
+fn nearby_sizes_share_buffers() {
+    vidfuse::cpu::empty_cache();
+    let opts = VidOptions::default().reduction(Reduction::None);
+    let mut largest = 0;
+    for batch in 64..128i64 {
+        let shape = [batch, 16, 16, 16];
+        let (m, t, a, _) = leaf_inputs(&shape, Kind::Float, Kind::Float, Mem::Contiguous, &opts);
+        drop(vidfuse::vid_loss(&m, &t, &a, &opts));
+        largest = largest.max((batch * 16 * 16 * 16 * 4) as usize);
+    }
+    // Sizes 1-2 MiB fall into 8 size classes of at most `largest` * 1.125 bytes each.
+    let cached = vidfuse::cpu::cached_bytes();
+    assert!(
+        cached <= 8 * largest * 9 / 8,
+        "{cached} bytes cached for 64 nearby sizes (one buffer per size?)"
+    );
+    // And they are reused: the same sizes again allocate nothing new.
+    for batch in 64..128i64 {
+        let shape = [batch, 16, 16, 16];
+        let (m, t, a, _) = leaf_inputs(&shape, Kind::Float, Kind::Float, Mem::Contiguous, &opts);
+        drop(vidfuse::vid_loss(&m, &t, &a, &opts));
+    }
+    assert_eq!(vidfuse::cpu::cached_bytes(), cached);
+    vidfuse::cpu::empty_cache();
+}
+
+fn the_limit_is_settable_and_evicts_the_oldest() {
+    let default = vidfuse::cpu::cache_limit();
+    assert_eq!(default, vidfuse::cpu::MAX_CACHED_BYTES);
+    let opts = VidOptions::default().reduction(Reduction::None);
+    let mib = 1 << 20;
+    vidfuse::cpu::set_cache_limit(5 * mib / 2);
+    // Three outputs of 1 MiB alive at once, then freed: the third does not fit the limit,
+    // and the oldest is evicted.
+    let outputs: Vec<_> = (0..3)
+        .map(|_| {
+            let (m, t, a, _) = leaf_inputs(
+                &[4, 64, 32, 32],
+                Kind::Float,
+                Kind::Float,
+                Mem::Contiguous,
+                &opts,
+            );
+            vidfuse::vid_loss(&m, &t, &a, &opts)
+        })
+        .collect();
+    drop(outputs);
+    assert_eq!(vidfuse::cpu::cached_bytes(), 2 * mib);
+    vidfuse::cpu::set_cache_limit(0);
+    assert_eq!(vidfuse::cpu::cached_bytes(), 0);
+    let (m, t, a, _) = leaf_inputs(
+        &[4, 64, 32, 32],
+        Kind::Float,
+        Kind::Float,
+        Mem::Contiguous,
+        &opts,
+    );
+    drop(vidfuse::vid_loss(&m, &t, &a, &opts));
+    assert_eq!(vidfuse::cpu::cached_bytes(), 0, "cached with limit 0");
+    vidfuse::cpu::set_cache_limit(default);
 }
