@@ -1024,21 +1024,18 @@ mod tests {
                         for c in u.channels.clone() {
                             for n in u.batches.clone() {
                                 let row = n * g.channels + c;
-                                for e in row * g.inner + u.begin..row * g.inner + u.end {
-                                    elements[e] += 1;
-                                }
+                                let range = row * g.inner + u.begin..row * g.inner + u.end;
+                                elements[range].iter_mut().for_each(|k| *k += 1);
                             }
                             let slot = (u.batch_block * g.channels + c) * plan.parts_per_row;
                             slots[slot + u.part] += 1;
                         }
                     }
                     Layout::ChannelsLast => {
-                        for e in u.rows.start * g.channels..u.rows.end * g.channels {
-                            elements[e] += 1;
-                        }
-                        for s in u.index * g.channels..(u.index + 1) * g.channels {
-                            slots[s] += 1;
-                        }
+                        let range = u.rows.start * g.channels..u.rows.end * g.channels;
+                        elements[range].iter_mut().for_each(|k| *k += 1);
+                        let range = u.index * g.channels..(u.index + 1) * g.channels;
+                        slots[range].iter_mut().for_each(|k| *k += 1);
                     }
                 }
             }
