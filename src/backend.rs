@@ -5,35 +5,11 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
+pub(crate) use crate::backend_io::{ForwardOutput, Grads, NeedsGrad};
 use crate::cuda::KernelLauncher;
 use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
 use crate::{cpu, cuda};
-
-/// What forward produces: the loss, and what backward needs besides the inputs.
-pub(crate) struct ForwardOutput {
-    /// The loss: a scalar (Mean, Sum) or the per-element tensor (None), in the inputs' dtype.
-    pub loss: Tensor,
-    /// Per-channel sums of squared differences `Q_c` (Mean and Sum only), in the backend's
-    /// accumulation dtype.
-    pub channel_sumsq: Option<Tensor>,
-}
-
-/// Which input gradients backward must produce.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct NeedsGrad {
-    pub mean: bool,
-    pub target: bool,
-    pub log_scale: bool,
-}
-
-/// Gradients in the problem's layout (and, for log_scale, any float dtype: the caller casts).
-#[derive(Default)]
-pub(crate) struct Grads {
-    pub mean: Option<Tensor>,
-    pub target: Option<Tensor>,
-    pub log_scale: Option<Tensor>,
-}
 
 /// Where a problem runs.
 #[derive(Clone)]

@@ -29,6 +29,7 @@
 
 mod autograd;
 mod backend;
+mod backend_io;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

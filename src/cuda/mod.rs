@@ -18,7 +18,7 @@ use tch::{Device, Tensor};
 
 pub use launcher::{KernelLauncher, LaunchConfig};
 
-use crate::backend::{ForwardOutput, Grads, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, NeedsGrad};
 use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
 

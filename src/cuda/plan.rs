@@ -9,7 +9,7 @@ use std::ffi::c_void;
 use tch::{Kind, Tensor};
 
 use super::launcher::{KernelLauncher, LaunchConfig};
-use crate::backend::{ForwardOutput, Grads, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, NeedsGrad};
 use crate::error::{Result, VidError};
 use crate::math::HALF_LN_TWO_PI;
 use crate::options::Reduction;
