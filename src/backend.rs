@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-pub(crate) use crate::backend_io::{ForwardOutput, Grads, NeedsGrad};
+pub(crate) use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
 use crate::cuda::KernelLauncher;
 use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
@@ -38,6 +38,54 @@ impl Backend {
             Backend::Cpu => cpu::forward(problem),
             Backend::Cuda(ordinal) => cuda::forward(*ordinal, problem),
             Backend::Launcher(launcher) => cuda::plan::forward(launcher.as_ref(), problem),
+        }
+    }
+
+    /// Forward of several Mean/Sum problems with as few passes as the backend allows: each
+    /// problem's output exactly as [`Backend::forward`] gives it, and the weighted total
+    /// `sum_k weights[k] * loss_k` as a scalar of `total_kind`.
+    pub fn forward_group(
+        &self,
+        problems: &[&VidProblem],
+        weights: &[f64],
+        total_kind: tch::Kind,
+    ) -> Result<GroupForward> {
+        match self {
+            Backend::Cpu => cpu::forward_group(problems, weights, total_kind),
+            Backend::Cuda(ordinal) => cuda::forward_group(*ordinal, problems, weights, total_kind),
+            Backend::Launcher(launcher) => {
+                cuda::plan::forward_group(launcher.as_ref(), problems, weights, total_kind)
+            }
+        }
+    }
+
+    /// Backward of several Mean/Sum problems: problem k's loss receives `grad * weights[k]`
+    /// (`grad` a scalar tensor, f32 or f64, on the problems' device).
+    pub fn backward_group(
+        &self,
+        problems: &[&VidProblem],
+        channel_sumsq: &[&Tensor],
+        grad: &Tensor,
+        weights: &[f64],
+        needs: &[NeedsGrad],
+    ) -> Result<Vec<Grads>> {
+        match self {
+            Backend::Cpu => {
+                let g = grad.f_to_kind(tch::Kind::Double)?.f_double_value(&[])?;
+                let upstream: Vec<f64> = weights.iter().map(|w| g * w).collect();
+                cpu::backward_group(problems, channel_sumsq, &upstream, needs)
+            }
+            Backend::Cuda(ordinal) => {
+                cuda::backward_group(*ordinal, problems, channel_sumsq, grad, weights, needs)
+            }
+            Backend::Launcher(launcher) => cuda::plan::backward_group(
+                launcher.as_ref(),
+                problems,
+                channel_sumsq,
+                grad,
+                weights,
+                needs,
+            ),
         }
     }
 

@@ -27,3 +27,11 @@ pub(crate) struct Grads {
     pub target: Option<Tensor>,
     pub log_scale: Option<Tensor>,
 }
+
+/// What a grouped forward produces: the weighted total and each problem's own output.
+pub(crate) struct GroupForward {
+    /// `sum_k w_k * loss_k`, a scalar (f32, or f64 when every problem is f64).
+    pub total: Tensor,
+    /// Per problem, as a single forward gives it.
+    pub outputs: Vec<ForwardOutput>,
+}

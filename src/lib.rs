@@ -88,6 +88,71 @@ pub fn vid_loss(mean: &Tensor, target: &Tensor, log_scale: &Tensor, opts: &VidOp
     }
 }
 
+/// One layer pair of a grouped VID loss ([`f_vid_loss_grouped`]): the arguments of
+/// [`f_vid_loss`] for that pair, and the weight (`lambda_k`) of its loss in the sum.
+#[derive(Debug, Clone, Copy)]
+pub struct VidTerm<'a> {
+    /// The regressed mean, `[N, C, *S]`.
+    pub mean: &'a Tensor,
+    /// The teacher features, the shape and dtype of `mean`.
+    pub target: &'a Tensor,
+    /// `log_scale`, `[C]`, f32 or the inputs' dtype.
+    pub log_scale: &'a Tensor,
+    /// The weight of this term's loss in the sum (finite).
+    pub weight: f64,
+}
+
+/// The weighted sum of several VID losses, `sum_k weight_k * loss_k`, as one op with one
+/// autograd node: the multi-layer form of VID (the paper transfers 3-4 layer pairs), with
+/// fewer passes, launches and host work than one [`f_vid_loss`] per pair.
+///
+/// `loss_k` is exactly what [`f_vid_loss`] gives for term k with `opts` (the mean over that
+/// term's own elements for [`Reduction::Mean`], or the sum); [`Reduction::None`] is an
+/// error. Terms may differ in shape, rank, layout, channel count and dtype, and must be on
+/// one device. The result is an f32 scalar, f64 when every term is f64. Gradients reach
+/// every input that requires grad, scaled by its term's weight. Errors name the term.
+///
+/// ```
+/// use tch::{Kind, Tensor};
+/// use vidfuse::{f_vid_loss_grouped, VidOptions, VidTerm};
+///
+/// let opts = (Kind::Float, tch::Device::Cpu);
+/// let m1 = Tensor::randn([4, 8, 6, 6], opts).set_requires_grad(true);
+/// let t1 = Tensor::randn([4, 8, 6, 6], opts);
+/// let a1 = Tensor::zeros([8], opts).set_requires_grad(true);
+/// let m2 = Tensor::randn([4, 16], opts).set_requires_grad(true);
+/// let t2 = Tensor::randn([4, 16], opts);
+/// let a2 = Tensor::zeros([16], opts).set_requires_grad(true);
+/// let terms = [
+///     VidTerm { mean: &m1, target: &t1, log_scale: &a1, weight: 1.0 },
+///     VidTerm { mean: &m2, target: &t2, log_scale: &a2, weight: 0.5 },
+/// ];
+/// let loss = f_vid_loss_grouped(&terms, &VidOptions::default()).unwrap();
+/// loss.backward();
+/// assert_eq!(m2.grad().size(), vec![4, 16]);
+/// ```
+pub fn f_vid_loss_grouped(terms: &[VidTerm<'_>], opts: &VidOptions) -> Result<Tensor, VidError> {
+    op::vid_loss_grouped_on(None, terms, opts)
+}
+
+/// [`f_vid_loss_grouped`], panicking with the error's message on bad input.
+pub fn vid_loss_grouped(terms: &[VidTerm<'_>], opts: &VidOptions) -> Tensor {
+    match f_vid_loss_grouped(terms, opts) {
+        Ok(loss) => loss,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// [`f_vid_loss_grouped`] with the CUDA kernel plan run through `launcher` (see
+/// [`f_vid_loss_with_launcher`]).
+pub fn f_vid_loss_grouped_with_launcher(
+    launcher: Arc<dyn cuda::KernelLauncher + Send + Sync>,
+    terms: &[VidTerm<'_>],
+    opts: &VidOptions,
+) -> Result<Tensor, VidError> {
+    op::vid_loss_grouped_on(Some(backend::Backend::Launcher(launcher)), terms, opts)
+}
+
 /// [`f_vid_loss`] with the CUDA kernel plan run through `launcher` instead of the tensors'
 /// own backend: the same launches, grids, arguments and workspaces as on a GPU.
 ///

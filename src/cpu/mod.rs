@@ -29,7 +29,7 @@ pub use crate::host_pool::{
     cache_limit, cached_bytes, empty_cache, set_cache_limit, CACHE_LIMIT_ENV, MAX_CACHED_BYTES,
 };
 
-use crate::backend_io::{ForwardOutput, Grads, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
 use crate::error::{Result, VidError};
 use crate::host_pool;
 use crate::math::ChannelParams;
@@ -121,7 +121,7 @@ fn new_output(problem: &VidProblem, needed: bool) -> Result<Option<Tensor>> {
 /// Fused CPU forward.
 pub(crate) fn forward(problem: &VidProblem) -> Result<ForwardOutput> {
     if problem.options.reduction_mode() != Reduction::None {
-        let mut outputs = forward_group(&[problem])?;
+        let mut outputs = forward_each(&[problem])?;
         return outputs
             .pop()
             .ok_or_else(|| VidError::Internal("no forward output".into()));
@@ -142,8 +142,26 @@ pub(crate) fn forward(problem: &VidProblem) -> Result<ForwardOutput> {
 }
 
 /// Fused CPU forward of several Mean/Sum problems in one parallel region: for each, the loss
-/// (a scalar of its dtype, exactly as [`forward`] gives it) and its per-channel sums.
-pub(crate) fn forward_group(problems: &[&VidProblem]) -> Result<Vec<ForwardOutput>> {
+/// (a scalar of its dtype, exactly as [`forward`] gives it) and its per-channel sums; and the
+/// weighted total of the losses (in f64, then rounded to `total_kind`).
+pub(crate) fn forward_group(
+    problems: &[&VidProblem],
+    weights: &[f64],
+    total_kind: Kind,
+) -> Result<GroupForward> {
+    let outputs = forward_each(problems)?;
+    let mut total = 0.0;
+    for (output, w) in outputs.iter().zip(weights) {
+        total += w * output.loss.f_double_value(&[])?;
+    }
+    Ok(GroupForward {
+        total: scalar_of_kind(total, total_kind)?,
+        outputs,
+    })
+}
+
+/// The Mean/Sum forward of each problem, all in one parallel region.
+fn forward_each(problems: &[&VidProblem]) -> Result<Vec<ForwardOutput>> {
     let walks = problems
         .iter()
         .map(|p| {

@@ -18,7 +18,7 @@ use tch::{Device, Tensor};
 
 pub use launcher::{KernelLauncher, LaunchConfig};
 
-use crate::backend_io::{ForwardOutput, Grads, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
 use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
 
@@ -56,4 +56,33 @@ pub(crate) fn backward(
 ) -> Result<Grads> {
     let kernels = driver::device_kernels(ordinal)?;
     plan::backward(&kernels.launcher()?, problem, channel_sumsq, grad, needs)
+}
+
+pub(crate) fn forward_group(
+    ordinal: usize,
+    problems: &[&VidProblem],
+    weights: &[f64],
+    total_kind: tch::Kind,
+) -> Result<GroupForward> {
+    let kernels = driver::device_kernels(ordinal)?;
+    plan::forward_group(&kernels.launcher()?, problems, weights, total_kind)
+}
+
+pub(crate) fn backward_group(
+    ordinal: usize,
+    problems: &[&VidProblem],
+    channel_sumsq: &[&Tensor],
+    grad: &Tensor,
+    weights: &[f64],
+    needs: &[NeedsGrad],
+) -> Result<Vec<Grads>> {
+    let kernels = driver::device_kernels(ordinal)?;
+    plan::backward_group(
+        &kernels.launcher()?,
+        problems,
+        channel_sumsq,
+        grad,
+        weights,
+        needs,
+    )
 }

@@ -9,7 +9,7 @@ use std::ffi::c_void;
 use tch::{Kind, Tensor};
 
 use super::launcher::{KernelLauncher, LaunchConfig};
-use crate::backend_io::{ForwardOutput, Grads, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
 use crate::error::{Result, VidError};
 use crate::math::HALF_LN_TWO_PI;
 use crate::options::Reduction;
@@ -544,4 +544,44 @@ pub(crate) fn backward<L: KernelLauncher + ?Sized>(
     grads.mean = grad_mean;
     grads.target = grad_target;
     Ok(grads)
+}
+
+/// Forward of several Mean/Sum problems, and their weighted total.
+pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    problems: &[&VidProblem],
+    weights: &[f64],
+    total_kind: Kind,
+) -> Result<GroupForward> {
+    let outputs = problems
+        .iter()
+        .map(|p| forward(launcher, p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut total: Option<Tensor> = None;
+    for (output, w) in outputs.iter().zip(weights) {
+        let term = output.loss.f_to_kind(total_kind)?.f_mul_scalar(*w)?;
+        total = Some(match total {
+            None => term,
+            Some(sum) => sum.f_add(&term)?,
+        });
+    }
+    let total = total.ok_or_else(|| VidError::Internal("empty group".into()))?;
+    Ok(GroupForward { total, outputs })
+}
+
+/// Backward of several Mean/Sum problems; problem k's loss receives `grad * weights[k]`.
+pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    problems: &[&VidProblem],
+    channel_sumsq: &[&Tensor],
+    grad: &Tensor,
+    weights: &[f64],
+    needs: &[NeedsGrad],
+) -> Result<Vec<Grads>> {
+    problems
+        .iter()
+        .zip(channel_sumsq)
+        .zip(weights.iter().zip(needs))
+        .map(|((p, q), (w, n))| backward(launcher, p, Some(q), &grad.f_mul_scalar(*w)?, *n))
+        .collect()
 }
