@@ -204,11 +204,14 @@ template <typename T, class Op, int V> struct Lane {
 
 // ---- warp traversal -------------------------------------------------------------------------
 
-template <typename T, class Op, int V> __device__ void warp_traverse(const TraverseArgs &a) {
+// `block`: this block's index within the problem's own grid (a grouped launch runs several
+// problems' grids back to back).
+template <typename T, class Op, int V>
+__device__ void warp_traverse(const TraverseArgs &a, long long block) {
     typedef typename Traits<T>::Acc A;
     const int lane = threadIdx.x & 31;
     const long long segments = (a.row_len + a.seg_len - 1) / a.seg_len;
-    const long long item = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long item = block * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (item >= a.rows * segments) {
         return; // whole warps only: no block-level barrier follows
     }
@@ -249,7 +252,9 @@ template <typename T, class Op, int V> __device__ void warp_traverse(const Trave
 
 const int kBlock = 256;
 
-template <typename T, class Op, int V> __device__ void tile_traverse(const TraverseArgs &a) {
+// (`block_x`, `block_y`): this block's row chunk and column tile within the problem's grid.
+template <typename T, class Op, int V>
+__device__ void tile_traverse(const TraverseArgs &a, long long block_x, long long block_y) {
     typedef typename Traits<T>::Acc A;
     typedef Lane<T, Op, V> L;
     const int tile_x = (int)a.tile_x;
@@ -259,9 +264,9 @@ template <typename T, class Op, int V> __device__ void tile_traverse(const Trave
     const int tx = tid % tile_x;
     const int ty = tid / tile_x;
     const long long cols = a.row_len;
-    const long long pack_col = (long long)blockIdx.y * tile_x + tx;
+    const long long pack_col = block_y * tile_x + tx;
     const bool has_col = active && pack_col * V < cols;
-    const long long r0 = (long long)blockIdx.x * a.seg_len;
+    const long long r0 = block_x * a.seg_len;
     const long long r1 = min(r0 + a.seg_len, a.rows);
 
     L state;
@@ -309,7 +314,7 @@ template <typename T, class Op, int V> __device__ void tile_traverse(const Trave
             for (int v = 0; v < V; ++v) {
                 const long long col = pack_col * V + v;
                 for (int k = 0; k < Op::K; ++k) {
-                    partial[((long long)blockIdx.x * cols + col) * Op::K + k] =
+                    partial[(block_x * cols + col) * Op::K + k] =
                         shared[tid * width + v * L::KK + k];
                 }
             }
@@ -338,22 +343,137 @@ template <typename A> __device__ A block_sum(A v) {
     return v;
 }
 
-// ---- stage 2: per-channel sums of the partials ----------------------------------------------
+// ---- grouped launches ------------------------------------------------------------------
+//
+// One launch covers several problems (the terms of a grouped loss, or a single problem):
+// each problem is a *segment* with its own arguments and a range of the grid's blocks
+// [block_begin, next segment's block_begin). The segment table is passed by value as the
+// kernel parameter (constant memory): nothing is copied to the device, so a launch can be
+// captured in a CUDA graph. A block finds its segment by a short scan.
 
-struct ChannelSumArgs {
+const int kMaxSegments = 16;
+
+// Storage dtype codes of scalars written by the epilogue.
+enum ScalarCode { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+struct TraverseSegment {
+    TraverseArgs args;
+    long long tile;        // 0: warp traversal, 1: tile traversal
+    long long block_begin; // first block of this segment
+    long long grid_x;      // tile: row chunks (the x extent of the segment's own grid)
+};
+
+struct TraverseGroupArgs {
+    long long count;
+    unsigned int *done;    // zeroed here (block 0) for the next launch's last-block epilogue
+    TraverseSegment seg[kMaxSegments];
+};
+
+template <typename S> __device__ __forceinline__ int find_segment(const S *seg, long long count) {
+    int s = 0;
+    while (s + 1 < count && (long long)blockIdx.x >= seg[s + 1].block_begin) {
+        ++s;
+    }
+    return s;
+}
+
+template <typename T, class Op> __device__ void group_traverse(const TraverseGroupArgs &g) {
+    if (g.done != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+        *g.done = 0u;
+    }
+    const TraverseSegment &seg = g.seg[find_segment(g.seg, g.count)];
+    const long long block = (long long)blockIdx.x - seg.block_begin;
+    const int V = VecWidth<T>::value;
+    if (seg.tile) {
+        const long long bx = block % seg.grid_x, by = block / seg.grid_x;
+        if (seg.args.vectorized) {
+            tile_traverse<T, Op, V>(seg.args, bx, by);
+        } else {
+            tile_traverse<T, Op, 1>(seg.args, bx, by);
+        }
+    } else if (seg.args.vectorized) {
+        warp_traverse<T, Op, V>(seg.args, block);
+    } else {
+        warp_traverse<T, Op, 1>(seg.args, block);
+    }
+}
+
+// ---- per-channel sums of the partials, and the loss epilogue --------------------------------
+
+struct SumSegment {
     const void *partial; // Acc: partial[((o * C + c) * inner + j) * sums + k]
     void *out;           // Acc: out[c * sums + k]
+    long long acc_f64;   // the accumulation type: 1 f64, 0 f32
     long long channels;
     long long outer;
     long long inner;
     long long sums;
+    long long block_begin;
+    // Loss epilogue (forward): loss = scale * (sum_c 0.5 (Q_c / var_c + M ln var_c) + constant_total)
+    const void *log_scale; // Acc [C]
+    void *loss;            // the term's loss (loss_code), or null
+    long long loss_code;
+    double eps;
+    double per_channel;    // M
+    double constant_total; // n * 0.5 ln(2 pi), or 0
+    double scale;          // 1/n for Mean, 1 for Sum
+    double weight;         // w_k in the total
 };
 
-template <typename A> __device__ void channel_sum(const ChannelSumArgs &a) {
+struct ChannelSumGroupArgs {
+    long long count;
+    long long epilogue;  // 1: the last block to finish computes the losses and the total
+    unsigned int *done;  // blocks finished (zeroed by the traversal launch)
+    void *total;         // sum_k w_k loss_k (total_code), or null
+    long long total_code;
+    SumSegment seg[kMaxSegments];
+};
+
+// v rounded to a storage dtype and back: what a scalar of that dtype holds. As the host does,
+// a double is first rounded to f32 for the 16-bit types.
+__device__ __forceinline__ double round_to(long long code, double v) {
+    switch (code) {
+    case kF64:
+        return v;
+    case kF16:
+        return (double)Traits<f16_t>::load(Traits<f16_t>::store((float)v));
+    case kBF16:
+        return (double)Traits<bf16_t>::load(Traits<bf16_t>::store((float)v));
+    default:
+        return (double)(float)v;
+    }
+}
+
+__device__ __forceinline__ void store_scalar(long long code, void *p, double v) {
+    switch (code) {
+    case kF64:
+        *static_cast<double *>(p) = v;
+        break;
+    case kF16:
+        *static_cast<f16_t *>(p) = Traits<f16_t>::store((float)v);
+        break;
+    case kBF16:
+        *static_cast<bf16_t *>(p) = Traits<bf16_t>::store((float)v);
+        break;
+    default:
+        *static_cast<float *>(p) = (float)v;
+    }
+}
+
+// Element i of an accumulation-type array, read through the L2 (another block wrote it in
+// this launch: the L1 is not coherent).
+__device__ __forceinline__ double load_acc(const void *p, long long i, bool f64) {
+    if (f64) {
+        return static_cast<const volatile double *>(p)[i];
+    }
+    return (double)static_cast<const volatile float *>(p)[i];
+}
+
+template <typename A> __device__ void channel_sums(const SumSegment &a, long long block, long long blocks) {
     const A *partial = static_cast<const A *>(a.partial);
     const long long items = a.outer * a.inner;
     // The loop bound is uniform across the block, so the barriers in block_sum are safe.
-    for (long long c = blockIdx.x; c < a.channels; c += gridDim.x) {
+    for (long long c = block; c < a.channels; c += blocks) {
         for (long long k = 0; k < a.sums; ++k) {
             A s = A(0);
             for (long long i = threadIdx.x; i < items; i += blockDim.x) {
@@ -369,54 +489,89 @@ template <typename A> __device__ void channel_sum(const ChannelSumArgs &a) {
     }
 }
 
-// ---- epilogues: O(C) -----------------------------------------------------------------------
-
-struct LossEpilogueArgs {
-    const void *channel_sumsq; // Acc [C]
-    const void *log_scale;     // Acc [C]
-    void *out;                 // T, one element
-    long long channels;
-    double eps;
-    double per_channel;    // M = N * prod(S)
-    double constant_total; // n * 0.5 ln(2 pi), or 0
-    double scale;          // 1/n for Mean, 1 for Sum
-};
-
-// One block: loss = scale * (sum_c 0.5 (Q_c / var_c + M ln var_c) + constant_total), in f64.
-template <typename T> __device__ void loss_epilogue(const LossEpilogueArgs &a) {
-    typedef typename Traits<T>::Acc A;
-    const A *q = static_cast<const A *>(a.channel_sumsq);
-    const A *alpha = static_cast<const A *>(a.log_scale);
-    double s = 0.0;
-    for (long long c = threadIdx.x; c < a.channels; c += blockDim.x) {
-        const double var = softplus((double)alpha[c]) + a.eps;
-        s += 0.5 * ((double)q[c] / var + a.per_channel * log(var));
+// One block: every segment's loss in a fixed order, then the weighted total.
+__device__ void loss_epilogue(const ChannelSumGroupArgs &g) {
+    double total = 0.0;
+    for (long long s = 0; s < g.count; ++s) {
+        const SumSegment &a = g.seg[s];
+        double sum = 0.0;
+        for (long long c = threadIdx.x; c < a.channels; c += blockDim.x) {
+            const double var = softplus(load_acc(a.log_scale, c, a.acc_f64)) + a.eps;
+            sum += 0.5 * (load_acc(a.out, c, a.acc_f64) / var + a.per_channel * log(var));
+        }
+        sum = block_sum(sum);
+        if (threadIdx.x == 0) {
+            const double loss = (sum + a.constant_total) * a.scale;
+            if (a.loss != nullptr) {
+                store_scalar(a.loss_code, a.loss, loss);
+            }
+            total += a.weight * round_to(a.loss_code, loss);
+        }
     }
-    s = block_sum(s);
-    if (threadIdx.x == 0) {
-        *static_cast<T *>(a.out) = Traits<T>::store((typename Traits<T>::Acc)((s + a.constant_total) * a.scale));
+    if (threadIdx.x == 0 && g.total != nullptr) {
+        store_scalar(g.total_code, g.total, total);
     }
 }
 
-struct LogScaleGradArgs {
+__device__ void group_channel_sum(const ChannelSumGroupArgs &g) {
+    const int s = find_segment(g.seg, g.count);
+    const SumSegment &seg = g.seg[s];
+    const long long next = s + 1 < g.count ? g.seg[s + 1].block_begin : (long long)gridDim.x;
+    const long long block = (long long)blockIdx.x - seg.block_begin;
+    if (seg.acc_f64) {
+        channel_sums<double>(seg, block, next - seg.block_begin);
+    } else {
+        channel_sums<float>(seg, block, next - seg.block_begin);
+    }
+    if (!g.epilogue) {
+        return;
+    }
+    // The last block to finish runs the epilogue: every block's sums are visible to it once
+    // each has fenced its writes before counting itself done.
+    __shared__ unsigned int ticket;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        ticket = atomicAdd(g.done, 1u);
+    }
+    __syncthreads();
+    if (ticket == gridDim.x - 1) {
+        __threadfence();
+        loss_epilogue(g);
+        if (threadIdx.x == 0) {
+            *g.done = 0u; // ready for another launch on the same workspace
+        }
+    }
+}
+
+// ---- d loss / d log_scale --------------------------------------------------------------------
+
+struct LogScaleSegment {
     const void *sums;            // Acc: Q_c, or (R1_c, R2_c) interleaved
     const void *log_scale;       // Acc [C]
     const void *upstream_scalar; // Acc*: upstream gradient (with Q_c), else unused
     void *out;                   // Acc [C]
+    long long acc_f64;
     long long channels;
     long long sums_per_channel; // 1 or 2
+    long long block_begin;
     double eps;
     double per_channel; // M
-    double scale;       // k
+    double scale;       // w k: the term's weight times the reduction factor
+};
+
+struct LogScaleGroupArgs {
+    long long count;
+    LogScaleSegment seg[kMaxSegments];
 };
 
 // d loss / d alpha_c = 0.5 (A_c / var - B_c / var^2) sigmoid(alpha_c), with
 // (A, B) = g k (M, Q_c) for Mean/Sum and (R1_c, R2_c) for None; computed as
 // (A - B / var) / var, since var^2 underflows to 0 for var near the smallest normal.
-template <typename A> __device__ void log_scale_grad(const LogScaleGradArgs &a) {
+template <typename A> __device__ void log_scale_grad(const LogScaleSegment &a, long long block, long long blocks) {
     const A *sums = static_cast<const A *>(a.sums);
-    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < a.channels;
-         c += (long long)gridDim.x * blockDim.x) {
+    for (long long c = block * blockDim.x + threadIdx.x; c < a.channels;
+         c += blocks * blockDim.x) {
         const double alpha = (double)static_cast<const A *>(a.log_scale)[c];
         const double var = softplus(alpha) + a.eps;
         double first, second;
@@ -432,47 +587,45 @@ template <typename A> __device__ void log_scale_grad(const LogScaleGradArgs &a) 
     }
 }
 
+__device__ void group_log_scale_grad(const LogScaleGroupArgs &g) {
+    const int s = find_segment(g.seg, g.count);
+    const LogScaleSegment &seg = g.seg[s];
+    const long long next = s + 1 < g.count ? g.seg[s + 1].block_begin : (long long)gridDim.x;
+    const long long block = (long long)blockIdx.x - seg.block_begin;
+    if (seg.acc_f64) {
+        log_scale_grad<double>(seg, block, next - seg.block_begin);
+    } else {
+        log_scale_grad<float>(seg, block, next - seg.block_begin);
+    }
+}
+
 } // namespace vf
 
 // ---- kernel entry points --------------------------------------------------------------------
 
-#define VF_TRAVERSE_KERNEL(op, Op, traversal, T, suffix)                                           \
-    extern "C" __global__ void __launch_bounds__(256, 2) vid_##op##_##traversal##_##suffix(vf::TraverseArgs a) { \
-        if (a.vectorized) {                                                                        \
-            vf::traversal##_traverse<T, Op, vf::VecWidth<T>::value>(a);                            \
-        } else {                                                                                   \
-            vf::traversal##_traverse<T, Op, 1>(a);                                                 \
-        }                                                                                          \
+#define VF_GROUP_KERNEL(op, Op, T, suffix)                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 2) vid_##op##_group_##suffix(vf::TraverseGroupArgs g) { \
+        vf::group_traverse<T, Op>(g);                                                              \
     }                                                                                              \
-    VF_REGISTER_KERNEL(vid_##op##_##traversal##_##suffix)
-
-#define VF_OPS(traversal, T, suffix)                                                               \
-    VF_TRAVERSE_KERNEL(sumsq, vf::OpSumSq, traversal, T, suffix)                                   \
-    VF_TRAVERSE_KERNEL(loss, vf::OpLoss, traversal, T, suffix)                                     \
-    VF_TRAVERSE_KERNEL(grad, vf::OpGrad, traversal, T, suffix)                                     \
-    VF_TRAVERSE_KERNEL(grad_none, vf::OpGradNone, traversal, T, suffix)
+    VF_REGISTER_KERNEL(vid_##op##_group_##suffix)
 
 #define VF_DTYPE_KERNELS(T, suffix)                                                                \
-    VF_OPS(warp, T, suffix)                                                                        \
-    VF_OPS(tile, T, suffix)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) vid_loss_epilogue_##suffix(vf::LossEpilogueArgs a) { \
-        vf::loss_epilogue<T>(a);                                                                   \
-    }                                                                                              \
-    VF_REGISTER_KERNEL(vid_loss_epilogue_##suffix)
-
-#define VF_ACC_KERNELS(A, suffix)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) vid_channel_sum_##suffix(vf::ChannelSumArgs a) { \
-        vf::channel_sum<A>(a);                                                                     \
-    }                                                                                              \
-    VF_REGISTER_KERNEL(vid_channel_sum_##suffix)                                                   \
-    extern "C" __global__ void __launch_bounds__(256) vid_log_scale_grad_##suffix(vf::LogScaleGradArgs a) { \
-        vf::log_scale_grad<A>(a);                                                                  \
-    }                                                                                              \
-    VF_REGISTER_KERNEL(vid_log_scale_grad_##suffix)
+    VF_GROUP_KERNEL(sumsq, vf::OpSumSq, T, suffix)                                                 \
+    VF_GROUP_KERNEL(loss, vf::OpLoss, T, suffix)                                                   \
+    VF_GROUP_KERNEL(grad, vf::OpGrad, T, suffix)                                                   \
+    VF_GROUP_KERNEL(grad_none, vf::OpGradNone, T, suffix)
 
 VF_DTYPE_KERNELS(float, f32)
 VF_DTYPE_KERNELS(double, f64)
 VF_DTYPE_KERNELS(vf::f16_t, f16)
 VF_DTYPE_KERNELS(vf::bf16_t, bf16)
-VF_ACC_KERNELS(float, f32)
-VF_ACC_KERNELS(double, f64)
+
+extern "C" __global__ void __launch_bounds__(256) vid_channel_sum_group(vf::ChannelSumGroupArgs g) {
+    vf::group_channel_sum(g);
+}
+VF_REGISTER_KERNEL(vid_channel_sum_group)
+
+extern "C" __global__ void __launch_bounds__(256) vid_log_scale_grad_group(vf::LogScaleGroupArgs g) {
+    vf::group_log_scale_grad(g);
+}
+VF_REGISTER_KERNEL(vid_log_scale_grad_group)

@@ -32,6 +32,6 @@ pub(crate) struct Grads {
 pub(crate) struct GroupForward {
     /// `sum_k w_k * loss_k`, a scalar (f32, or f64 when every problem is f64).
     pub total: Tensor,
-    /// Per problem, as a single forward gives it.
-    pub outputs: Vec<ForwardOutput>,
+    /// Per problem, its per-channel sums of squared differences (what backward needs).
+    pub channel_sumsq: Vec<Tensor>,
 }

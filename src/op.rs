@@ -126,15 +126,7 @@ fn grouped_unguarded(
         let refs: Vec<&VidProblem> = problems.iter().collect();
         backend.forward_group(&refs, &weights, total_kind)
     })?;
-    let total = group.total;
-    let channel_sumsq = group
-        .outputs
-        .into_iter()
-        .map(|o| {
-            o.channel_sumsq
-                .ok_or_else(|| VidError::Internal("no saved sums".into()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let (total, channel_sumsq) = (group.total, group.channel_sumsq);
     let scale_kinds: Vec<tch::Kind> = terms.iter().map(|t| t.log_scale.kind()).collect();
     let inputs: Vec<&Tensor> = terms
         .iter()

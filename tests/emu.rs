@@ -26,7 +26,7 @@ impl KernelLauncher for EmuLauncher {
         config: LaunchConfig,
         params: &mut [*mut c_void],
     ) -> Result<(), VidError> {
-        self.launched.lock().unwrap().push(kernel.to_string());
+        self.launched.lock().unwrap().push(describe(kernel, params));
         vidfuse_emu::launch(
             kernel,
             config.grid,
@@ -50,6 +50,29 @@ impl EmuLauncher {
     fn take_launched(&self) -> Vec<String> {
         std::mem::take(&mut self.launched.lock().unwrap())
     }
+}
+
+/// The kernel's name, with the traversal of each segment for traversal launches:
+/// `vid_sumsq_group_f32[warp,tile]`. Reads `vf::TraverseGroupArgs`: `count` (8 bytes), `done`
+/// (8), then segments of 168 bytes whose `tile` flag follows the 144-byte `TraverseArgs`.
+fn describe(kernel: &str, params: &[*mut c_void]) -> String {
+    if !kernel.contains("_group_") {
+        return kernel.to_string();
+    }
+    // SAFETY: params[0] points at the launch's TraverseGroupArgs, alive for the call.
+    let base = params[0] as *const u8;
+    let count = unsafe { (base as *const i64).read_unaligned() } as usize;
+    let kinds: Vec<&str> = (0..count)
+        .map(|i| {
+            let tile = unsafe { (base.add(16 + i * 168 + 144) as *const i64).read_unaligned() };
+            if tile != 0 {
+                "tile"
+            } else {
+                "warp"
+            }
+        })
+        .collect();
+    format!("{kernel}[{}]", kinds.join(","))
 }
 
 /// The op through a given emulated launcher.
@@ -118,10 +141,10 @@ fn emu_warp_traversal_with_several_segments() {
     check_shape(&launcher, &[2, 3, 4500], &[Mem::Contiguous]);
     let launched = launcher.take_launched();
     for kernel in [
-        "vid_sumsq_warp_f32",
-        "vid_grad_warp_bf16",
-        "vid_grad_none_warp_f16",
-        "vid_loss_warp_f64",
+        "vid_sumsq_group_f32[warp]",
+        "vid_grad_group_bf16[warp]",
+        "vid_grad_none_group_f16[warp]",
+        "vid_loss_group_f64[warp]",
     ] {
         assert!(
             launched.iter().any(|k| k == kernel),
@@ -141,7 +164,7 @@ fn emu_tile_traversal_wide_and_short_rows() {
     check_shape(&launcher, &[40, 3, 7, 9], &[Mem::ChannelsLast]);
     let launched = launcher.take_launched();
     assert!(
-        launched.iter().all(|k| !k.contains("_warp_")),
+        launched.iter().all(|k| !k.contains("warp")),
         "warp traversal used for short rows"
     );
 }

@@ -255,3 +255,100 @@ fn in_place_change_of_any_term_is_an_error() {
     let err = Tensor::f_run_backward(&[loss], &[&a.mean], false, false).unwrap_err();
     assert!(err.to_string().contains("modified by an inplace operation"));
 }
+
+// ---------------------------------------------------------------------------------------
+// The CUDA kernels on the host emulation: launches per pass, and the same numbers as one
+// op per term.
+
+use common::emu_launcher::{emulated, emulated_grouped, EmuLauncher};
+use std::sync::Arc;
+
+/// Four layer pairs of one dtype: forward takes 2 launches (all passes; sums, losses and
+/// total), backward 2 (all gradients of mean; all of log_scale), with the values and
+/// gradients of the single-term op, bit for bit.
+#[test]
+fn emu_grouped_launches_and_bitwise_agreement() {
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let launcher = Arc::new(EmuLauncher::default());
+        let pairs = vec![
+            Pair::new(&[2, 8, 8, 8], kind, Kind::Float, Mem::Contiguous, 1.0),
+            Pair::new(&[2, 16, 4, 4], kind, Kind::Float, Mem::ChannelsLast, 0.5),
+            Pair::new(&[2, 4, 600], kind, Kind::Float, Mem::Contiguous, 2.0),
+            Pair::new(&[2, 32], kind, Kind::Float, Mem::Contiguous, 0.25),
+        ];
+        let opts = VidOptions::default();
+        let loss = emulated_grouped(&launcher, &terms(&pairs), &opts).unwrap();
+        let forward = launcher.take_launched();
+        assert!(forward.len() <= 2, "{kind:?}: forward launches {forward:?}");
+        let inputs: Vec<&Tensor> = pairs.iter().flat_map(|p| [&p.mean, &p.log_scale]).collect();
+        let grads = Tensor::run_backward(&[&loss * 2.0], &inputs, false, false);
+        let backward = launcher.take_launched();
+        assert!(
+            backward.len() <= 2,
+            "{kind:?}: backward launches {backward:?}"
+        );
+
+        let single = emulated(&launcher);
+        let mut total = 0.0;
+        for (k, p) in pairs.iter().enumerate() {
+            let l = single(&p.mean, &p.target, &p.log_scale, &opts).unwrap();
+            total += p.weight * l.double_value(&[]);
+            let upstream = Tensor::from(2.0 * p.weight).to_kind(l.kind());
+            let expected = Tensor::run_backward(
+                &[(&l * upstream).sum(l.kind())],
+                &[&p.mean, &p.log_scale],
+                false,
+                false,
+            );
+            assert!(
+                grads[2 * k].equal(&expected[0]),
+                "{kind:?} term {k}: d/dmean"
+            );
+            assert!(
+                grads[2 * k + 1].equal(&expected[1]),
+                "{kind:?} term {k}: d/dlog_scale"
+            );
+        }
+        assert_eq!(
+            loss.double_value(&[]),
+            total as f32 as f64,
+            "{kind:?}: total"
+        );
+    }
+}
+
+/// Mixed dtypes, layouts and more terms than one launch's segment table holds (16): the
+/// emulated kernels agree with the CPU op.
+#[test]
+fn emu_grouped_mixed_and_many_terms_match_the_cpu() {
+    let launcher = Arc::new(EmuLauncher::default());
+    let mut pairs = mixed_pairs();
+    for k in 0..14 {
+        pairs.push(Pair::new(
+            &[2, 3 + k, 5],
+            Kind::Float,
+            Kind::Float,
+            Mem::Contiguous,
+            0.5,
+        ));
+    }
+    for opts in [
+        VidOptions::default(),
+        VidOptions::default().reduction(Reduction::Sum).full(true),
+    ] {
+        let cpu_loss = f_vid_loss_grouped(&terms(&pairs), &opts).unwrap();
+        let emu_loss = emulated_grouped(&launcher, &terms(&pairs), &opts).unwrap();
+        assert_close("total", &emu_loss, &cpu_loss, 0.0, 1e-5);
+        let inputs: Vec<&Tensor> = pairs.iter().flat_map(|p| [&p.mean, &p.log_scale]).collect();
+        let cpu_grads = Tensor::run_backward(&[&cpu_loss], &inputs, false, false);
+        let emu_grads = Tensor::run_backward(&[&emu_loss], &inputs, false, false);
+        for (i, (c, e)) in cpu_grads.iter().zip(&emu_grads).enumerate() {
+            let kind = c.kind();
+            let rel = storage(kind).round * 2.0 + compute(kind).acc;
+            let allowed = c.to_kind(Kind::Double).abs() * rel
+                + c.to_kind(Kind::Double).abs().max() * compute(kind).acc
+                + storage(kind).atol;
+            assert_within(&format!("input {i}"), e, c, &allowed);
+        }
+    }
+}

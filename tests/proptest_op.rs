@@ -464,36 +464,10 @@ fn config(cases: u32) -> Config {
     }
 }
 
-/// The CUDA kernels' launch plan run on the host emulation of kernels/*.cu.
-struct EmuLauncher;
-
-impl vidfuse::cuda::KernelLauncher for EmuLauncher {
-    fn launch(
-        &self,
-        kernel: &str,
-        config: vidfuse::cuda::LaunchConfig,
-        params: &mut [*mut std::ffi::c_void],
-    ) -> Result<(), VidError> {
-        vidfuse_emu::launch(
-            kernel,
-            config.grid,
-            config.block,
-            config.shared_mem_bytes,
-            params,
-        )
-        .map_err(|message| VidError::Launch {
-            kernel: kernel.into(),
-            message,
-        })
-    }
-
-    fn multiprocessors(&self) -> usize {
-        2
-    }
-}
-
+/// The CUDA kernels' launch plan on the host emulation of kernels/*.cu.
 fn emulated_cuda(m: &Tensor, t: &Tensor, a: &Tensor, o: &VidOptions) -> Result<Tensor, VidError> {
-    vidfuse::f_vid_loss_with_launcher(std::sync::Arc::new(EmuLauncher), m, t, a, o)
+    let launcher = std::sync::Arc::new(common::emu_launcher::EmuLauncher::default());
+    common::emu_launcher::emulated(&launcher)(m, t, a, o)
 }
 
 proptest! {

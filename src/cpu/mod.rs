@@ -151,12 +151,14 @@ pub(crate) fn forward_group(
 ) -> Result<GroupForward> {
     let outputs = forward_each(problems)?;
     let mut total = 0.0;
-    for (output, w) in outputs.iter().zip(weights) {
+    let mut channel_sumsq = Vec::with_capacity(outputs.len());
+    for (output, w) in outputs.into_iter().zip(weights) {
         total += w * output.loss.f_double_value(&[])?;
+        channel_sumsq.extend(output.channel_sumsq);
     }
     Ok(GroupForward {
         total: scalar_of_kind(total, total_kind)?,
-        outputs,
+        channel_sumsq,
     })
 }
 

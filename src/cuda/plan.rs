@@ -52,66 +52,100 @@ struct TraverseArgs {
     constant: f64,
 }
 
-/// Mirrors `vf::ChannelSumArgs`.
+/// Segments per grouped launch (kernels/vid.cu: kMaxSegments); larger groups take several.
+const MAX_SEGMENTS: usize = 16;
+
+/// Mirrors `vf::TraverseSegment`.
 #[repr(C)]
-struct ChannelSumArgs {
+#[derive(Debug, Clone, Copy, Default)]
+struct TraverseSegment {
+    args: TraverseArgs,
+    tile: i64,
+    block_begin: i64,
+    grid_x: i64,
+}
+
+/// Mirrors `vf::TraverseGroupArgs`.
+#[repr(C)]
+struct TraverseGroupArgs {
+    count: i64,
+    done: u64,
+    seg: [TraverseSegment; MAX_SEGMENTS],
+}
+
+/// Mirrors `vf::SumSegment`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SumSegment {
     partial: u64,
     out: u64,
+    acc_f64: i64,
     channels: i64,
     outer: i64,
     inner: i64,
     sums: i64,
-}
-
-/// Mirrors `vf::LossEpilogueArgs`.
-#[repr(C)]
-struct LossEpilogueArgs {
-    channel_sumsq: u64,
+    block_begin: i64,
     log_scale: u64,
-    out: u64,
-    channels: i64,
+    loss: u64,
+    loss_code: i64,
     eps: f64,
     per_channel: f64,
     constant_total: f64,
     scale: f64,
+    weight: f64,
 }
 
-/// Mirrors `vf::LogScaleGradArgs`.
+/// Mirrors `vf::ChannelSumGroupArgs`.
 #[repr(C)]
-struct LogScaleGradArgs {
+struct ChannelSumGroupArgs {
+    count: i64,
+    epilogue: i64,
+    done: u64,
+    total: u64,
+    total_code: i64,
+    seg: [SumSegment; MAX_SEGMENTS],
+}
+
+/// Mirrors `vf::LogScaleSegment`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct LogScaleSegment {
     sums: u64,
     log_scale: u64,
     upstream_scalar: u64,
     out: u64,
+    acc_f64: i64,
     channels: i64,
     sums_per_channel: i64,
+    block_begin: i64,
     eps: f64,
     per_channel: f64,
     scale: f64,
 }
 
-/// Ops of the traversal kernels, traversals, storage and accumulation dtypes: the kernels
-/// are named `vid_<op>_<traversal>_<dtype>`, `vid_loss_epilogue_<dtype>`,
-/// `vid_channel_sum_<acc>` and `vid_log_scale_grad_<acc>` (kernels/vid.cu).
+/// Mirrors `vf::LogScaleGroupArgs`.
+#[repr(C)]
+struct LogScaleGroupArgs {
+    count: i64,
+    seg: [LogScaleSegment; MAX_SEGMENTS],
+}
+
+/// Ops of the traversal kernels and storage dtypes: the kernels are named
+/// `vid_<op>_group_<dtype>`, plus `vid_channel_sum_group` and `vid_log_scale_grad_group`
+/// (kernels/vid.cu).
 const OPS: [&str; 4] = ["sumsq", "loss", "grad", "grad_none"];
-const TRAVERSALS: [&str; 2] = ["warp", "tile"];
 const DTYPES: [&str; 4] = ["f32", "f64", "f16", "bf16"];
-const ACCS: [&str; 2] = ["f32", "f64"];
 
 /// Every kernel the plan may launch, sorted.
 pub fn kernel_names() -> Vec<String> {
-    let mut names = Vec::new();
+    let mut names = vec![
+        "vid_channel_sum_group".to_string(),
+        "vid_log_scale_grad_group".to_string(),
+    ];
     for dtype in DTYPES {
         for op in OPS {
-            for traversal in TRAVERSALS {
-                names.push(format!("vid_{op}_{traversal}_{dtype}"));
-            }
+            names.push(format!("vid_{op}_group_{dtype}"));
         }
-        names.push(format!("vid_loss_epilogue_{dtype}"));
-    }
-    for acc in ACCS {
-        names.push(format!("vid_channel_sum_{acc}"));
-        names.push(format!("vid_log_scale_grad_{acc}"));
     }
     names.sort();
     names
@@ -149,6 +183,16 @@ fn dtype_suffix(kind: Kind) -> Result<&'static str> {
     }
 }
 
+/// `vf::ScalarCode` of a dtype the epilogue writes.
+fn scalar_code(kind: Kind) -> i64 {
+    match kind {
+        Kind::Double => 1,
+        Kind::Half => 2,
+        Kind::BFloat16 => 3,
+        _ => 0,
+    }
+}
+
 /// The accumulation dtype: f64 for f64 inputs, f32 otherwise.
 fn acc_kind(kind: Kind) -> Kind {
     if kind == Kind::Double {
@@ -161,8 +205,11 @@ fn acc_kind(kind: Kind) -> Kind {
 /// How a traversal walks the problem, and where its partial sums go.
 #[derive(Debug, Clone, Copy)]
 struct Traversal {
-    name: &'static str,
-    config: LaunchConfig,
+    /// The tile traversal (else the warp traversal).
+    tile: bool,
+    /// Blocks of the problem's own grid; tile: `grid_x` row chunks times the column tiles.
+    blocks: usize,
+    grid_x: usize,
     rows: usize,
     row_len: usize,
     seg_len: usize,
@@ -187,15 +234,11 @@ impl Traversal {
                 let vectorized = aligned && s % pack == 0;
                 let segments = s.div_ceil(WARP_SEGMENT);
                 let items = (n * c * segments) as u64;
-                let blocks = u32::try_from(items.div_ceil(WARPS_PER_BLOCK))
-                    .map_err(|_| VidError::invalid("mean", "too many rows for one launch"))?;
+                let blocks = items.div_ceil(WARPS_PER_BLOCK) as usize;
                 Ok(Traversal {
-                    name: "warp",
-                    config: LaunchConfig {
-                        grid: [blocks, 1, 1],
-                        block: [BLOCK, 1, 1],
-                        shared_mem_bytes: 0,
-                    },
+                    tile: false,
+                    blocks,
+                    grid_x: blocks,
                     rows: n * c,
                     row_len: s,
                     seg_len: WARP_SEGMENT,
@@ -220,17 +263,17 @@ impl Traversal {
         aligned: bool,
         multiprocessors: usize,
     ) -> Result<Traversal> {
+        if u32::try_from(cols).is_err() {
+            return Err(VidError::invalid(
+                "mean",
+                format!("{cols} columns exceed the kernels' 32-bit column index"),
+            ));
+        }
         let vectorized = aligned && cols % pack == 0;
         let pack_cols = cols / if vectorized { pack } else { 1 };
         let tile_x = pack_cols.min(BLOCK as usize);
         let tile_y = BLOCK as usize / tile_x;
         let col_tiles = pack_cols.div_ceil(tile_x);
-        if col_tiles > MAX_GRID_Y {
-            return Err(VidError::invalid(
-                "mean",
-                format!("{cols} columns exceed the kernels' grid limit"),
-            ));
-        }
         // Rows per block: about TILE_ELEMENTS per block, but enough blocks for every SM.
         let tile_cols = tile_x * if vectorized { pack } else { 1 };
         let mut seg_len = (TILE_ELEMENTS / tile_cols).max(tile_y).div_ceil(tile_y) * tile_y;
@@ -238,15 +281,10 @@ impl Traversal {
             seg_len = (seg_len / 2).div_ceil(tile_y) * tile_y;
         }
         let chunks = rows.div_ceil(seg_len);
-        let blocks = u32::try_from(chunks)
-            .map_err(|_| VidError::invalid("mean", "too many rows for one launch"))?;
         Ok(Traversal {
-            name: "tile",
-            config: LaunchConfig {
-                grid: [blocks, col_tiles as u32, 1],
-                block: [BLOCK, 1, 1],
-                shared_mem_bytes: 0,
-            },
+            tile: true,
+            blocks: chunks * col_tiles,
+            grid_x: chunks,
             rows,
             row_len: cols,
             seg_len,
@@ -277,26 +315,22 @@ impl Traversal {
     }
 }
 
-/// Everything the launches of one problem share.
-struct Launch<'a, L: ?Sized> {
-    launcher: &'a L,
+/// One problem ready for the kernels: its dtype's kernel suffix, accumulation dtype, and
+/// `log_scale` in that dtype.
+struct Prepared<'a> {
     problem: &'a VidProblem,
     dtype: &'static str,
     acc: Kind,
-    acc_suffix: &'static str,
-    /// log_scale in the accumulation dtype.
     log_scale: Tensor,
 }
 
-impl<'a, L: KernelLauncher + ?Sized> Launch<'a, L> {
-    fn new(launcher: &'a L, problem: &'a VidProblem) -> Result<Self> {
+impl<'a> Prepared<'a> {
+    fn new(problem: &'a VidProblem) -> Result<Self> {
         let acc = acc_kind(problem.kind());
-        Ok(Launch {
-            launcher,
+        Ok(Prepared {
             problem,
             dtype: dtype_suffix(problem.kind())?,
             acc,
-            acc_suffix: if acc == Kind::Double { "f64" } else { "f32" },
             log_scale: problem.log_scale.f_to_kind(acc)?.f_contiguous()?,
         })
     }
@@ -309,12 +343,19 @@ impl<'a, L: KernelLauncher + ?Sized> Launch<'a, L> {
         Ok(Tensor::f_empty(size, (kind, self.problem.device()))?)
     }
 
-    fn empty_like_input(&self) -> Result<Tensor> {
-        Ok(self.problem.mean.f_empty_like()?)
+    fn empty_like_input(&self, needed: bool) -> Result<Option<Tensor>> {
+        needed
+            .then(|| self.problem.mean.f_empty_like())
+            .transpose()
+            .map_err(VidError::from)
     }
 
     /// Plans a traversal over mean/target and the given per-element tensors.
-    fn traversal(&self, per_element: &[Option<&Tensor>]) -> Result<Traversal> {
+    fn traversal(
+        &self,
+        per_element: &[Option<&Tensor>],
+        multiprocessors: usize,
+    ) -> Result<Traversal> {
         let p = self.problem;
         let pack = 16 / p.kind().elt_size_in_bytes();
         let aligned = [Some(&p.mean), Some(&p.target)]
@@ -322,101 +363,17 @@ impl<'a, L: KernelLauncher + ?Sized> Launch<'a, L> {
             .chain(per_element)
             .flatten()
             .all(|t| ptr(t) % 16 == 0);
-        Traversal::plan(
-            self.geometry(),
-            pack,
-            aligned,
-            self.launcher.multiprocessors(),
-        )
+        Traversal::plan(self.geometry(), pack, aligned, multiprocessors)
     }
 
-    /// Launches op `op` over the problem (elementwise ops: no partial sums).
-    fn traverse(&self, op: &str, traversal: &Traversal, mut args: TraverseArgs) -> Result<()> {
-        let p = self.problem;
-        args.mean = ptr(&p.mean);
-        args.target = ptr(&p.target);
+    /// The arguments of a traversal of this problem (inputs, log_scale, eps filled in).
+    fn traverse_args(&self, traversal: &Traversal) -> TraverseArgs {
+        let mut args = traversal.args(self.geometry());
+        args.mean = ptr(&self.problem.mean);
+        args.target = ptr(&self.problem.target);
         args.log_scale = ptr(&self.log_scale);
-        args.eps = p.options.eps_value();
-        let kernel = format!("vid_{op}_{}_{}", traversal.name, self.dtype);
-        launch_with(self.launcher, &kernel, traversal.config, &mut args)
-    }
-
-    /// Launches a reducing op; returns its partial sums (`sums` per slot).
-    fn traverse_reducing(
-        &self,
-        op: &str,
-        traversal: &Traversal,
-        mut args: TraverseArgs,
-        sums: usize,
-    ) -> Result<Tensor> {
-        let slots = traversal.slots(self.geometry().channels) * sums;
-        let partial = self.empty(&[slots as i64], self.acc)?;
-        args.partial = ptr(&partial);
-        self.traverse(op, traversal, args)?;
-        Ok(partial)
-    }
-
-    /// Per-channel sums (`sums` per channel) of a traversal's partials.
-    fn channel_sums(&self, traversal: &Traversal, partial: &Tensor, sums: usize) -> Result<Tensor> {
-        let channels = self.geometry().channels;
-        let out = self.empty(&[(channels * sums) as i64], self.acc)?;
-        let mut args = ChannelSumArgs {
-            partial: ptr(partial),
-            out: ptr(&out),
-            channels: channels as i64,
-            outer: traversal.outer as i64,
-            inner: traversal.inner as i64,
-            sums: sums as i64,
-        };
-        let grid = channels.min(MAX_GRID_Y) as u32;
-        let config = LaunchConfig {
-            grid: [grid, 1, 1],
-            block: [BLOCK, 1, 1],
-            shared_mem_bytes: 0,
-        };
-        launch_with(
-            self.launcher,
-            &format!("vid_channel_sum_{}", self.acc_suffix),
-            config,
-            &mut args,
-        )?;
-        Ok(out)
-    }
-
-    /// d loss / d log_scale from per-channel sums (Q with upstream g, or R1/R2).
-    fn log_scale_grad(
-        &self,
-        sums: &Tensor,
-        sums_per_channel: usize,
-        upstream: Option<&Tensor>,
-        k: f64,
-    ) -> Result<Tensor> {
-        let channels = self.geometry().channels;
-        let out = self.empty(&[channels as i64], self.acc)?;
-        let mut args = LogScaleGradArgs {
-            sums: ptr(sums),
-            log_scale: ptr(&self.log_scale),
-            upstream_scalar: optional_ptr(upstream),
-            out: ptr(&out),
-            channels: channels as i64,
-            sums_per_channel: sums_per_channel as i64,
-            eps: self.problem.options.eps_value(),
-            per_channel: self.geometry().per_channel() as f64,
-            scale: k,
-        };
-        let blocks = channels.div_ceil(BLOCK as usize).min(MAX_GRID_Y) as u32;
-        let config = LaunchConfig {
-            grid: [blocks, 1, 1],
-            block: [BLOCK, 1, 1],
-            shared_mem_bytes: 0,
-        };
-        launch_with(
-            self.launcher,
-            &format!("vid_log_scale_grad_{}", self.acc_suffix),
-            config,
-            &mut args,
-        )?;
-        Ok(out)
+        args.eps = self.problem.options.eps_value();
+        args
     }
 
     /// 1/n for Mean, 1 for Sum.
@@ -434,61 +391,322 @@ impl<'a, L: KernelLauncher + ?Sized> Launch<'a, L> {
             0.0
         }
     }
+
+    fn acc_f64(&self) -> i64 {
+        (self.acc == Kind::Double) as i64
+    }
 }
 
-/// Forward: the loss, plus the per-channel sums backward needs (Mean/Sum).
+/// A traversal of one problem inside a grouped launch.
+struct TraverseItem<'p> {
+    dtype: &'static str,
+    traversal: Traversal,
+    args: TraverseArgs,
+    _problem: std::marker::PhantomData<&'p ()>,
+}
+
+fn launch_config(blocks: usize) -> Result<LaunchConfig> {
+    let grid = u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| VidError::invalid("mean", "too many blocks for one launch"))?;
+    Ok(LaunchConfig {
+        grid: [grid.max(1), 1, 1],
+        block: [BLOCK, 1, 1],
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Launches op `op` over every item: one launch per dtype (and per MAX_SEGMENTS items).
+/// Block 0 of the first launch zeroes `done` (for a following last-block epilogue).
+fn traverse_group<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    op: &str,
+    items: &[TraverseItem<'_>],
+    done: u64,
+) -> Result<()> {
+    let mut dtypes: Vec<&str> = items.iter().map(|i| i.dtype).collect();
+    dtypes.dedup();
+    dtypes.sort_unstable();
+    dtypes.dedup();
+    for dtype in dtypes {
+        let same: Vec<&TraverseItem<'_>> = items.iter().filter(|i| i.dtype == dtype).collect();
+        for chunk in same.chunks(MAX_SEGMENTS) {
+            let mut args = TraverseGroupArgs {
+                count: chunk.len() as i64,
+                done,
+                seg: [TraverseSegment::default(); MAX_SEGMENTS],
+            };
+            let mut blocks = 0usize;
+            for (segment, item) in args.seg.iter_mut().zip(chunk) {
+                *segment = TraverseSegment {
+                    args: item.args,
+                    tile: item.traversal.tile as i64,
+                    block_begin: blocks as i64,
+                    grid_x: item.traversal.grid_x as i64,
+                };
+                blocks += item.traversal.blocks;
+            }
+            let kernel = format!("vid_{op}_group_{dtype}");
+            launch_with(launcher, &kernel, launch_config(blocks)?, &mut args)?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-channel sums of the partials of every segment, in one launch per MAX_SEGMENTS; with
+/// `epilogue`, the last block also writes each segment's loss and the weighted total.
+fn channel_sum_group<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    segments: &[SumSegment],
+    epilogue: Option<(u64, u64, i64)>,
+) -> Result<()> {
+    for chunk in segments.chunks(MAX_SEGMENTS) {
+        let (done, total, total_code) = epilogue.unwrap_or((0, 0, 0));
+        let mut args = ChannelSumGroupArgs {
+            count: chunk.len() as i64,
+            epilogue: epilogue.is_some() as i64,
+            done,
+            // A total over several launches is summed by the caller.
+            total: if segments.len() <= MAX_SEGMENTS {
+                total
+            } else {
+                0
+            },
+            total_code,
+            seg: [SumSegment::default(); MAX_SEGMENTS],
+        };
+        let mut blocks = 0usize;
+        for (segment, item) in args.seg.iter_mut().zip(chunk) {
+            *segment = SumSegment {
+                block_begin: blocks as i64,
+                ..*item
+            };
+            blocks += (item.channels as usize).clamp(1, MAX_GRID_Y);
+        }
+        launch_with(
+            launcher,
+            "vid_channel_sum_group",
+            launch_config(blocks)?,
+            &mut args,
+        )?;
+    }
+    Ok(())
+}
+
+/// d loss / d log_scale of every segment, one launch per MAX_SEGMENTS.
+fn log_scale_grad_group<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    segments: &[LogScaleSegment],
+) -> Result<()> {
+    for chunk in segments.chunks(MAX_SEGMENTS) {
+        let mut args = LogScaleGroupArgs {
+            count: chunk.len() as i64,
+            seg: [LogScaleSegment::default(); MAX_SEGMENTS],
+        };
+        let mut blocks = 0usize;
+        for (segment, item) in args.seg.iter_mut().zip(chunk) {
+            *segment = LogScaleSegment {
+                block_begin: blocks as i64,
+                ..*item
+            };
+            blocks += (item.channels as usize)
+                .div_ceil(BLOCK as usize)
+                .clamp(1, MAX_GRID_Y);
+        }
+        launch_with(
+            launcher,
+            "vid_log_scale_grad_group",
+            launch_config(blocks)?,
+            &mut args,
+        )?;
+    }
+    Ok(())
+}
+
+/// One device allocation carved into 16-byte aligned pieces (partials of several
+/// problems, and the epilogue's block counter): one allocation per call instead of one per
+/// piece.
+struct Workspace {
+    /// Kept until every launch using it is queued; PyTorch's stream-ordered caching
+    /// allocator then reuses the memory only for work queued after them.
+    _buffer: Tensor,
+}
+
+impl Workspace {
+    /// Room for `bytes[i]` bytes at `offsets[i]`, and 16 bytes for the counter at the end.
+    fn new(device: tch::Device, bytes: &[usize]) -> Result<(Workspace, Vec<u64>, u64)> {
+        let mut offsets = Vec::with_capacity(bytes.len());
+        let mut end = 0usize;
+        for &b in bytes {
+            offsets.push(end);
+            end += b.div_ceil(16) * 16;
+        }
+        let buffer = Tensor::f_empty([(end + 16) as i64], (Kind::Uint8, device))?;
+        let base = ptr(&buffer);
+        let pointers = offsets.iter().map(|&o| base + o as u64).collect();
+        Ok((Workspace { _buffer: buffer }, pointers, base + end as u64))
+    }
+}
+
+/// Forward of one problem: the loss, plus the per-channel sums backward needs (Mean/Sum).
 pub(crate) fn forward<L: KernelLauncher + ?Sized>(
     launcher: &L,
     problem: &VidProblem,
 ) -> Result<ForwardOutput> {
-    let launch = Launch::new(launcher, problem)?;
-    let geometry = *launch.geometry();
-    if problem.options.reduction_mode() == Reduction::None {
-        let loss = launch.empty_like_input()?;
-        let traversal = launch.traversal(&[Some(&loss)])?;
-        let mut args = traversal.args(&geometry);
-        args.out = ptr(&loss);
-        args.constant = launch.constant();
-        launch.traverse("loss", &traversal, args)?;
+    if problem.options.reduction_mode() != Reduction::None {
+        let p = Prepared::new(problem)?;
+        let loss = p.empty(&[], problem.kind())?;
+        let sums = sums_and_losses(launcher, &[p], &[ptr(&loss)], &[1.0], None)?;
         return Ok(ForwardOutput {
             loss,
-            channel_sumsq: None,
+            channel_sumsq: sums.into_iter().next(),
         });
     }
-    let traversal = launch.traversal(&[])?;
-    let partial = launch.traverse_reducing("sumsq", &traversal, traversal.args(&geometry), 1)?;
-    let q = launch.channel_sums(&traversal, &partial, 1)?;
-    let loss = launch.empty(&[], problem.kind())?;
-    let n = geometry.numel() as f64;
-    let mut args = LossEpilogueArgs {
-        channel_sumsq: ptr(&q),
-        log_scale: ptr(&launch.log_scale),
-        out: ptr(&loss),
-        channels: geometry.channels as i64,
-        eps: problem.options.eps_value(),
-        per_channel: geometry.per_channel() as f64,
-        constant_total: n * launch.constant(),
-        scale: launch.reduction_factor(),
+    let p = Prepared::new(problem)?;
+    let loss = p.empty_like_input(true)?.expect("needed");
+    let traversal = p.traversal(&[Some(&loss)], launcher.multiprocessors())?;
+    let mut args = p.traverse_args(&traversal);
+    args.out = ptr(&loss);
+    args.constant = p.constant();
+    let item = TraverseItem {
+        dtype: p.dtype,
+        traversal,
+        args,
+        _problem: Default::default(),
     };
-    let config = LaunchConfig {
-        grid: [1, 1, 1],
-        block: [BLOCK, 1, 1],
-        shared_mem_bytes: 0,
-    };
-    launch_with(
-        launcher,
-        &format!("vid_loss_epilogue_{}", launch.dtype),
-        config,
-        &mut args,
-    )?;
+    traverse_group(launcher, "loss", &[item], 0)?;
     Ok(ForwardOutput {
         loss,
-        channel_sumsq: Some(q),
+        channel_sumsq: None,
     })
 }
 
-/// Backward: `grad` is the upstream gradient (a device scalar for Mean/Sum, a tensor in the
-/// problem's layout for None).
+/// The sum-of-squares pass of every problem (one launch per dtype), then one launch that
+/// sums the partials per channel and, in its last block, writes each problem's loss (to
+/// `losses[k]` when not 0) and the weighted total (to `total`). Returns each problem's
+/// per-channel sums `Q_c`.
+fn sums_and_losses<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    prepared: &[Prepared<'_>],
+    losses: &[u64],
+    weights: &[f64],
+    total: Option<(u64, Kind)>,
+) -> Result<Vec<Tensor>> {
+    let traversals = prepared
+        .iter()
+        .map(|p| p.traversal(&[], launcher.multiprocessors()))
+        .collect::<Result<Vec<_>>>()?;
+    let partial_bytes: Vec<usize> = prepared
+        .iter()
+        .zip(&traversals)
+        .map(|(p, t)| t.slots(p.geometry().channels) * p.acc.elt_size_in_bytes())
+        .collect();
+    let (_workspace, partials, done) =
+        Workspace::new(prepared[0].problem.device(), &partial_bytes)?;
+    let items: Vec<TraverseItem<'_>> = prepared
+        .iter()
+        .zip(&traversals)
+        .zip(&partials)
+        .map(|((p, t), &partial)| TraverseItem {
+            dtype: p.dtype,
+            traversal: *t,
+            args: TraverseArgs {
+                partial,
+                ..p.traverse_args(t)
+            },
+            _problem: Default::default(),
+        })
+        .collect();
+    traverse_group(launcher, "sumsq", &items, done)?;
+
+    let sums = prepared
+        .iter()
+        .map(|p| p.empty(&[p.geometry().channels as i64], p.acc))
+        .collect::<Result<Vec<_>>>()?;
+    let segments: Vec<SumSegment> = prepared
+        .iter()
+        .zip(&traversals)
+        .zip(partials.iter().zip(&sums))
+        .zip(losses.iter().zip(weights))
+        .map(|(((p, t), (&partial, q)), (&loss, &weight))| {
+            let g = p.geometry();
+            SumSegment {
+                partial,
+                out: ptr(q),
+                acc_f64: p.acc_f64(),
+                channels: g.channels as i64,
+                outer: t.outer as i64,
+                inner: t.inner as i64,
+                sums: 1,
+                block_begin: 0,
+                log_scale: ptr(&p.log_scale),
+                loss,
+                loss_code: scalar_code(p.problem.kind()),
+                eps: p.problem.options.eps_value(),
+                per_channel: g.per_channel() as f64,
+                constant_total: g.numel() as f64 * p.constant(),
+                scale: p.reduction_factor(),
+                weight,
+            }
+        })
+        .collect();
+    let (total_ptr, total_code) = total.map_or((0, 0), |(t, kind)| (t, scalar_code(kind)));
+    channel_sum_group(launcher, &segments, Some((done, total_ptr, total_code)))?;
+    Ok(sums)
+}
+
+/// Forward of several Mean/Sum problems and their weighted total: one launch per dtype for
+/// the passes, one for the sums, the losses and the total (up to 16 problems).
+pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    problems: &[&VidProblem],
+    weights: &[f64],
+    total_kind: Kind,
+) -> Result<GroupForward> {
+    let prepared = problems
+        .iter()
+        .map(|p| Prepared::new(p))
+        .collect::<Result<Vec<_>>>()?;
+    let device = problems[0].device();
+    let total = Tensor::f_empty([], (total_kind, device))?;
+    if problems.len() <= MAX_SEGMENTS {
+        let losses = vec![0u64; problems.len()];
+        let channel_sumsq = sums_and_losses(
+            launcher,
+            &prepared,
+            &losses,
+            weights,
+            Some((ptr(&total), total_kind)),
+        )?;
+        return Ok(GroupForward {
+            total,
+            channel_sumsq,
+        });
+    }
+    // More terms than one launch holds: each term's loss, then the total with tch ops.
+    let losses = prepared
+        .iter()
+        .map(|p| p.empty(&[], p.problem.kind()))
+        .collect::<Result<Vec<_>>>()?;
+    let loss_ptrs: Vec<u64> = losses.iter().map(ptr).collect();
+    let channel_sumsq = sums_and_losses(launcher, &prepared, &loss_ptrs, weights, None)?;
+    let weighted = losses
+        .iter()
+        .zip(weights)
+        .map(|(l, w)| Ok(l.f_to_kind(Kind::Double)?.f_mul_scalar(*w)?))
+        .collect::<Result<Vec<_>>>()?;
+    let total = Tensor::f_stack(&weighted, 0)?
+        .f_sum(Kind::Double)?
+        .f_to_kind(total_kind)?;
+    Ok(GroupForward {
+        total,
+        channel_sumsq,
+    })
+}
+
+/// Backward of one problem: `grad` is the upstream gradient (a device scalar for Mean/Sum,
+/// a tensor in the problem's layout for None).
 pub(crate) fn backward<L: KernelLauncher + ?Sized>(
     launcher: &L,
     problem: &VidProblem,
@@ -496,80 +714,76 @@ pub(crate) fn backward<L: KernelLauncher + ?Sized>(
     grad: &Tensor,
     needs: NeedsGrad,
 ) -> Result<Grads> {
-    let launch = Launch::new(launcher, problem)?;
-    let geometry = *launch.geometry();
-    let grad_mean = if needs.mean {
-        Some(launch.empty_like_input()?)
-    } else {
-        None
-    };
-    let grad_target = if needs.target {
-        Some(launch.empty_like_input()?)
-    } else {
-        None
-    };
-    let mut grads = Grads::default();
-
-    if problem.options.reduction_mode() == Reduction::None {
-        let upstream = grad.f_to_kind(problem.kind())?;
-        let traversal =
-            launch.traversal(&[Some(&upstream), grad_mean.as_ref(), grad_target.as_ref()])?;
-        let mut args = traversal.args(&geometry);
-        args.upstream = ptr(&upstream);
-        args.out = optional_ptr(grad_mean.as_ref());
-        args.out_negated = optional_ptr(grad_target.as_ref());
-        let partial = launch.traverse_reducing("grad_none", &traversal, args, 2)?;
-        if needs.log_scale {
-            let sums = launch.channel_sums(&traversal, &partial, 2)?;
-            grads.log_scale = Some(launch.log_scale_grad(&sums, 2, None, 1.0)?);
-        }
-    } else {
+    if problem.options.reduction_mode() != Reduction::None {
         let q =
             channel_sumsq.ok_or_else(|| VidError::Autograd("missing saved channel sums".into()))?;
-        let upstream = grad.f_to_kind(launch.acc)?.f_contiguous()?;
-        let k = launch.reduction_factor();
-        if grad_mean.is_some() || grad_target.is_some() {
-            let traversal = launch.traversal(&[grad_mean.as_ref(), grad_target.as_ref()])?;
-            let mut args = traversal.args(&geometry);
-            args.upstream_scalar = ptr(&upstream);
-            args.out = optional_ptr(grad_mean.as_ref());
-            args.out_negated = optional_ptr(grad_target.as_ref());
-            args.scale = k;
-            launch.traverse("grad", &traversal, args)?;
-        }
-        if needs.log_scale {
-            grads.log_scale = Some(launch.log_scale_grad(q, 1, Some(&upstream), k)?);
-        }
+        let mut grads = backward_group(launcher, &[problem], &[q], grad, &[1.0], &[needs])?;
+        return grads
+            .pop()
+            .ok_or_else(|| VidError::Internal("no backward output".into()));
+    }
+    let p = Prepared::new(problem)?;
+    let grad_mean = p.empty_like_input(needs.mean)?;
+    let grad_target = p.empty_like_input(needs.target)?;
+    let upstream = grad.f_to_kind(problem.kind())?;
+    let traversal = p.traversal(
+        &[Some(&upstream), grad_mean.as_ref(), grad_target.as_ref()],
+        launcher.multiprocessors(),
+    )?;
+    let channels = p.geometry().channels;
+    let (_workspace, partials, _) = Workspace::new(
+        problem.device(),
+        &[traversal.slots(channels) * 2 * p.acc.elt_size_in_bytes()],
+    )?;
+    let mut args = p.traverse_args(&traversal);
+    args.upstream = ptr(&upstream);
+    args.out = optional_ptr(grad_mean.as_ref());
+    args.out_negated = optional_ptr(grad_target.as_ref());
+    args.partial = partials[0];
+    let item = TraverseItem {
+        dtype: p.dtype,
+        traversal,
+        args,
+        _problem: Default::default(),
+    };
+    traverse_group(launcher, "grad_none", &[item], 0)?;
+    let mut grads = Grads::default();
+    if needs.log_scale {
+        let sums = p.empty(&[(channels * 2) as i64], p.acc)?;
+        let segment = SumSegment {
+            partial: partials[0],
+            out: ptr(&sums),
+            acc_f64: p.acc_f64(),
+            channels: channels as i64,
+            outer: traversal.outer as i64,
+            inner: traversal.inner as i64,
+            sums: 2,
+            ..SumSegment::default()
+        };
+        channel_sum_group(launcher, &[segment], None)?;
+        let out = p.empty(&[channels as i64], p.acc)?;
+        let segment = LogScaleSegment {
+            sums: ptr(&sums),
+            log_scale: ptr(&p.log_scale),
+            out: ptr(&out),
+            acc_f64: p.acc_f64(),
+            channels: channels as i64,
+            sums_per_channel: 2,
+            eps: problem.options.eps_value(),
+            per_channel: p.geometry().per_channel() as f64,
+            scale: 1.0,
+            ..LogScaleSegment::default()
+        };
+        log_scale_grad_group(launcher, &[segment])?;
+        grads.log_scale = Some(out);
     }
     grads.mean = grad_mean;
     grads.target = grad_target;
     Ok(grads)
 }
 
-/// Forward of several Mean/Sum problems, and their weighted total.
-pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
-    launcher: &L,
-    problems: &[&VidProblem],
-    weights: &[f64],
-    total_kind: Kind,
-) -> Result<GroupForward> {
-    let outputs = problems
-        .iter()
-        .map(|p| forward(launcher, p))
-        .collect::<Result<Vec<_>>>()?;
-    let mut total: Option<Tensor> = None;
-    for (output, w) in outputs.iter().zip(weights) {
-        let term = output.loss.f_to_kind(total_kind)?.f_mul_scalar(*w)?;
-        total = Some(match total {
-            None => term,
-            Some(sum) => sum.f_add(&term)?,
-        });
-    }
-    let total = total.ok_or_else(|| VidError::Internal("empty group".into()))?;
-    Ok(GroupForward { total, outputs })
-}
-
-/// Backward of several Mean/Sum problems; problem k's loss receives `grad * weights[k]`.
+/// Backward of several Mean/Sum problems; problem k's loss receives `grad * weights[k]`:
+/// one launch per dtype for the gradients of mean/target, one for every log_scale.
 pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
     launcher: &L,
     problems: &[&VidProblem],
@@ -578,10 +792,81 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
     weights: &[f64],
     needs: &[NeedsGrad],
 ) -> Result<Vec<Grads>> {
-    problems
+    let prepared = problems
         .iter()
-        .zip(channel_sumsq)
-        .zip(weights.iter().zip(needs))
-        .map(|((p, q), (w, n))| backward(launcher, p, Some(q), &grad.f_mul_scalar(*w)?, *n))
-        .collect()
+        .map(|p| Prepared::new(p))
+        .collect::<Result<Vec<_>>>()?;
+    // The upstream gradient in each accumulation dtype used (converted once per dtype).
+    let mut upstream: Vec<(Kind, Tensor)> = Vec::new();
+    for p in &prepared {
+        if !upstream.iter().any(|(k, _)| *k == p.acc) {
+            upstream.push((p.acc, grad.f_to_kind(p.acc)?.f_contiguous()?));
+        }
+    }
+    let upstream_of = |acc: Kind| -> u64 {
+        upstream
+            .iter()
+            .find(|(k, _)| *k == acc)
+            .map_or(0, |(_, t)| ptr(t))
+    };
+    let mut grads = Vec::with_capacity(problems.len());
+    let mut items = Vec::new();
+    let mut scale_segments = Vec::new();
+    for ((p, n), (w, q)) in prepared
+        .iter()
+        .zip(needs)
+        .zip(weights.iter().zip(channel_sumsq))
+    {
+        let wk = w * p.reduction_factor();
+        let grad_mean = p.empty_like_input(n.mean)?;
+        let grad_target = p.empty_like_input(n.target)?;
+        if n.mean || n.target {
+            let traversal = p.traversal(
+                &[grad_mean.as_ref(), grad_target.as_ref()],
+                launcher.multiprocessors(),
+            )?;
+            let mut args = p.traverse_args(&traversal);
+            args.upstream_scalar = upstream_of(p.acc);
+            args.out = optional_ptr(grad_mean.as_ref());
+            args.out_negated = optional_ptr(grad_target.as_ref());
+            args.scale = wk;
+            items.push(TraverseItem {
+                dtype: p.dtype,
+                traversal,
+                args,
+                _problem: Default::default(),
+            });
+        }
+        let log_scale = if n.log_scale {
+            let out = p.empty(&[p.geometry().channels as i64], p.acc)?;
+            scale_segments.push(LogScaleSegment {
+                sums: ptr(q),
+                log_scale: ptr(&p.log_scale),
+                upstream_scalar: upstream_of(p.acc),
+                out: ptr(&out),
+                acc_f64: p.acc_f64(),
+                channels: p.geometry().channels as i64,
+                sums_per_channel: 1,
+                block_begin: 0,
+                eps: p.problem.options.eps_value(),
+                per_channel: p.geometry().per_channel() as f64,
+                scale: wk,
+            });
+            Some(out)
+        } else {
+            None
+        };
+        grads.push(Grads {
+            mean: grad_mean,
+            target: grad_target,
+            log_scale,
+        });
+    }
+    if !items.is_empty() {
+        traverse_group(launcher, "grad", &items, 0)?;
+    }
+    if !scale_segments.is_empty() {
+        log_scale_grad_group(launcher, &scale_segments)?;
+    }
+    Ok(grads)
 }

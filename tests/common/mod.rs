@@ -3,6 +3,8 @@
 //! the op's value and its three gradients against the reference.
 #![allow(dead_code)]
 
+pub mod emu_launcher;
+
 use tch::{Device, Kind, Tensor};
 use vidfuse::{f_vid_loss, Reduction, VidOptions};
 
