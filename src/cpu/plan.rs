@@ -187,12 +187,11 @@ pub(super) fn run_units(passes: &[&dyn UnitWork]) {
     }
     let avx2 = has_avx2();
     let next = AtomicUsize::new(0);
-    let worker = || loop {
-        let Some(&(pass, first, end)) = items.get(next.fetch_add(1, Ordering::Relaxed)) else {
-            break;
-        };
-        for index in first..end {
-            passes[pass].run_unit(index, avx2);
+    let worker = || {
+        while let Some(&(pass, first, end)) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            for index in first..end {
+                passes[pass].run_unit(index, avx2);
+            }
         }
     };
     if threads <= 1 {
