@@ -19,8 +19,9 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 # --target keeps build scripts and proc macros uninstrumented (they run on the host).
 export RUSTFLAGS="-Zsanitizer=address ${RUSTFLAGS:-}"
 export RUSTDOCFLAGS="-Zsanitizer=address ${RUSTDOCFLAGS:-}"
-# libtorch's own one-time allocations at exit are not ours to report.
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:${ASAN_OPTIONS:-}"
+# libtorch's own one-time allocations at exit are not ours to report; a refused huge
+# allocation (tests of oversized modules) must be an error, as with the system allocator.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:${ASAN_OPTIONS:-}"
 # The proptests run fewer cases: each is much slower instrumented.
 export PROPTEST_CASES=${PROPTEST_CASES:-64}
 cargo +nightly test --target "$host" --target-dir target/asan --lib --tests "$@"

@@ -42,6 +42,15 @@ pub(crate) fn vid_loss_on(
     no_panic(|| vid_loss_unguarded(backend, mean, target, log_scale, opts))
 }
 
+/// `t` in dtype `kind` (no tch call when it already is).
+fn in_kind(t: Tensor, kind: tch::Kind) -> Result<Tensor> {
+    if t.kind() == kind {
+        Ok(t)
+    } else {
+        Ok(t.f_to_kind(kind)?)
+    }
+}
+
 /// `f()`, with a panic (a bug) turned into [`VidError::Internal`].
 fn no_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f))
@@ -160,7 +169,7 @@ fn grouped_unguarded(
             for (g, kind) in grads.into_iter().zip(&scale_kinds) {
                 flat.push(g.mean);
                 flat.push(g.target);
-                flat.push(g.log_scale.map(|t| t.f_to_kind(*kind)).transpose()?);
+                flat.push(g.log_scale.map(|t| in_kind(t, *kind)).transpose()?);
             }
             Ok(flat)
         },
@@ -176,7 +185,7 @@ fn vid_loss_unguarded(
     log_scale: &Tensor,
     opts: &VidOptions,
 ) -> Result<Tensor> {
-    let problem = validate(mean, target, log_scale, opts)?;
+    let problem = autograd::no_grad(|| validate(mean, target, log_scale, opts))?;
     let backend = match backend {
         Some(backend) => backend,
         None => Backend::for_device(problem.device())?,
@@ -210,7 +219,7 @@ fn vid_loss_unguarded(
             })?;
             let log_scale = grads
                 .log_scale
-                .map(|g| g.f_to_kind(log_scale_kind))
+                .map(|g| in_kind(g, log_scale_kind))
                 .transpose()?;
             Ok(vec![grads.mean, grads.target, log_scale])
         },

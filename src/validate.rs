@@ -141,11 +141,16 @@ fn check_plain(name: &'static str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `t`, detached, with a lazy negation (`_neg_view`) applied to the values in memory.
+/// `t` (an alias, which backends only read through its memory), with a lazy negation
+/// (`_neg_view`) applied to the values in memory. Callers run under no-grad, so no copy made
+/// here is recorded by autograd.
 fn resolved(t: &Tensor) -> Result<Tensor> {
     let facts = autograd::tensor_facts(t).map_err(VidError::Torch)?;
-    let t = t.f_detach()?;
-    Ok(if facts.is_neg { t.f_resolve_neg()? } else { t })
+    Ok(if facts.is_neg {
+        t.f_resolve_neg()?
+    } else {
+        t.shallow_clone()
+    })
 }
 
 /// The smallest `eps` a dtype's accumulation handles: below the smallest normal number of
@@ -267,7 +272,14 @@ pub fn validate(
     Ok(VidProblem {
         mean: to_layout(&resolved(mean)?, layout)?,
         target: to_layout(&resolved(target)?, layout)?,
-        log_scale: resolved(log_scale)?.f_contiguous()?,
+        log_scale: {
+            let t = resolved(log_scale)?;
+            if t.is_contiguous() {
+                t
+            } else {
+                t.f_contiguous()?
+            }
+        },
         geometry,
         options: *options,
     })

@@ -24,10 +24,22 @@ pub(super) trait Acc:
 {
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
+    /// This thread's conversion buffers (mean, target, upstream, output, negated output).
+    /// Zeroed once per thread rather than once per unit of work: on small inputs, zeroing
+    /// 10-20 KB per unit was a large part of a call. A unit of work runs start to finish on
+    /// one thread and units never nest, so the buffers are never borrowed twice.
+    fn scratch() -> *mut Buffers<Self>;
 }
 
+/// Conversion buffers of a unit of work, in the accumulation type.
+pub(super) type Buffers<A> = [[A; CHUNK]; 5];
+
 macro_rules! impl_acc {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $scratch:ident),*) => {$(
+        thread_local! {
+            static $scratch: std::cell::UnsafeCell<Buffers<$t>> =
+                const { std::cell::UnsafeCell::new([[0.0; CHUNK]; 5]) };
+        }
         impl Acc for $t {
             fn from_f64(v: f64) -> Self {
                 v as $t
@@ -35,10 +47,13 @@ macro_rules! impl_acc {
             fn to_f64(self) -> f64 {
                 self as f64
             }
+            fn scratch() -> *mut Buffers<Self> {
+                $scratch.with(|b| b.get())
+            }
         }
     )*};
 }
-impl_acc!(f32, f64);
+impl_acc!(f32 => SCRATCH_F32, f64 => SCRATCH_F64);
 
 /// A storage dtype and its accumulation type.
 pub(super) trait Element: Copy + Send + Sync + 'static {
@@ -52,6 +67,8 @@ pub(super) trait Element: Copy + Send + Sync + 'static {
     }
     /// Moves values computed in `out_view`'s buffer into `dst` (nothing to do for f32/f64).
     fn commit(buf: &[Self::Acc; CHUNK], dst: &mut [Self]);
+    /// One value, exactly, as f64.
+    fn to_f64(self) -> f64;
 }
 
 /// f32 and f64 are their own accumulation types.
@@ -69,6 +86,9 @@ macro_rules! impl_native_element {
             }
             #[inline(always)]
             fn commit(_: &[$t; CHUNK], _: &mut [$t]) {}
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
         }
     )*};
 }
@@ -76,6 +96,9 @@ impl_native_element!(f32, f64);
 
 impl Element for f16 {
     type Acc = f32;
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
     #[inline(always)]
     fn view<'a>(src: &'a [f16], buf: &'a mut [f32; CHUNK]) -> &'a [f32] {
         let buf = &mut buf[..src.len()];
@@ -90,6 +113,9 @@ impl Element for f16 {
 
 impl Element for bf16 {
     type Acc = f32;
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
     #[inline(always)]
     fn view<'a>(src: &'a [bf16], buf: &'a mut [f32; CHUNK]) -> &'a [f32] {
         let buf = &mut buf[..src.len()];

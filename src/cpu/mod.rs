@@ -83,9 +83,18 @@ macro_rules! dispatch_dtype {
     };
 }
 
+/// The per-channel parameters, read straight from `log_scale`'s memory (no tch op: on small
+/// inputs the fixed cost of a call is what matters).
 fn channel_params(problem: &VidProblem) -> Result<ChannelParams> {
-    let alpha = Vec::<f64>::try_from(&problem.log_scale.f_to_kind(Kind::Double)?)?;
+    let alpha: Vec<f64> = dispatch_dtype!(problem.log_scale.kind(), E => {
+        Ok::<_, VidError>(widen::<E>(elements::<E>(&problem.log_scale)))
+    })?;
     Ok(ChannelParams::new(&alpha, problem.options.eps_value()))
+}
+
+/// Values of any storage dtype as f64.
+fn widen<E: Element>(values: &[E]) -> Vec<f64> {
+    values.iter().map(|&v| E::to_f64(v)).collect()
 }
 
 /// Parameters of the per-element loss: `0.5 / var` and `0.5 ln var + constant`.
@@ -104,11 +113,11 @@ fn unused_params<A: Acc>(channels: usize) -> ChannelValues<A> {
 /// A CPU scalar of `kind` holding `value` rounded as a cast does: a value beyond the dtype's
 /// range becomes +-inf, as plain tch ops give (`scalar_tensor` refuses it instead).
 fn scalar_of_kind(value: f64, kind: Kind) -> Result<Tensor> {
-    let scalar = match kind {
+    Ok(match kind {
         Kind::Double => Tensor::from(value),
-        _ => Tensor::from(value as f32),
-    };
-    Ok(scalar.f_to_kind(kind)?)
+        Kind::Float => Tensor::from(value as f32),
+        _ => Tensor::from(value as f32).f_to_kind(kind)?,
+    })
 }
 
 /// A fresh per-element output shaped like `problem`'s inputs, when `needed`.
@@ -201,7 +210,7 @@ pub(crate) fn backward(
 ) -> Result<Grads> {
     if problem.options.reduction_mode() != Reduction::None {
         let q = channel_sumsq.ok_or_else(|| VidError::Autograd("missing saved sums".into()))?;
-        let upstream = grad.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        let upstream = grad.f_double_value(&[])?;
         let mut grads = backward_group(&[problem], &[q], &[upstream], &[needs])?;
         return grads
             .pop()
@@ -294,9 +303,9 @@ pub(crate) fn backward_group(
         .zip(outputs.into_iter().zip(needs))
     {
         let log_scale = if n.log_scale {
-            let q = Vec::<f64>::try_from(*q)?;
+            let q = elements::<f64>(q);
             let m = p.geometry.per_channel() as f64;
-            Some(Tensor::from_slice(&par.log_scale_grad(&q, m, *k)))
+            Some(Tensor::from_slice(&par.log_scale_grad(q, m, *k)))
         } else {
             None
         };

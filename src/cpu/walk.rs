@@ -1,6 +1,6 @@
 //! A pass: one op applied to every element by one walk over the tensors, unit by unit.
 
-use super::element::{Acc, Element, CHUNK};
+use super::element::{Acc, Buffers, Element, CHUNK};
 use super::ops::{apply, ChannelValues, Op};
 use super::plan::{run_units, Plan, Unit, UnitWork};
 use crate::validate::Layout;
@@ -128,16 +128,14 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
     #[inline(always)]
     fn run(&self, unit: &Unit) {
         // Conversion buffers, initialised once per unit (not per chunk).
-        let mut bufs = [[E::Acc::default(); CHUNK]; 5];
+        // SAFETY: this thread's buffers; no other unit runs on this thread meanwhile.
+        let bufs = unsafe { &mut *E::Acc::scratch() };
         match self.plan.geometry.layout {
-            Layout::ChannelsFirst => self.channels_first(unit, &mut bufs),
-            Layout::ChannelsLast => self.channels_last(unit, &mut bufs),
+            Layout::ChannelsFirst => self.channels_first(unit, bufs),
+            Layout::ChannelsLast => self.channels_last(unit, bufs),
         }
     }
 }
-
-/// Stack buffers of a unit: mean, target, upstream, output, negated output.
-pub(super) type Buffers<A> = [[A; CHUNK]; 5];
 
 /// The per-element views of one chunk (at most CHUNK elements) of a pass.
 pub(super) struct ChunkIo<'b, A> {
@@ -308,11 +306,15 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
                 passes += 1;
             }
             if O::SUMS > 0 && (passes == FLUSH || at == end) {
+                // The tile is whole rows of C: add row by row (no per-element modulo).
                 for (total, w) in totals.iter_mut().zip(work.iter_mut()).take(O::SUMS) {
-                    for (i, v) in w.iter_mut().enumerate() {
-                        total[i % channels] += v.to_f64();
-                        *v = E::Acc::default();
+                    for row in w.chunks_exact(channels) {
+                        total
+                            .iter_mut()
+                            .zip(row)
+                            .for_each(|(t, v)| *t += v.to_f64());
                     }
+                    w.fill(E::Acc::default());
                 }
                 passes = 0;
             }
