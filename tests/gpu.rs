@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use tch::{Device, Kind, Tensor};
 use vidfuse::cuda::graph::{self, CudaGraph};
-use vidfuse::{f_vid_loss, Reduction, VidError, VidOptions};
+use vidfuse::{f_vid_loss, f_vid_loss_grouped, Reduction, VidError, VidOptions, VidTerm};
 
 /// The CUDA device to test on, or None (with the reason printed).
 fn gpu() -> Option<Device> {
@@ -229,6 +229,96 @@ fn gpu_cuda_graph_capture_and_replay() {
                 1e-7,
                 1e-4,
             );
+        }
+    })
+    .unwrap();
+}
+
+/// The grouped op on the device: same numbers as the CPU (f32 terms of different layouts
+/// and a bf16 term), and captured in a CUDA graph with its backward, then replayed on new
+/// values (the README's CUDA-graph recipe, without the networks).
+#[test]
+fn gpu_grouped_matches_the_cpu_and_replays_in_a_graph() {
+    let Some(device) = gpu() else { return };
+    graph::with_new_stream(0, || {
+        let opts = VidOptions::default();
+        let shapes: [(&[i64], Kind, Mem); 3] = [
+            (&[8, 32, 8, 8], Kind::Float, Mem::Contiguous),
+            (&[8, 16, 16, 16], Kind::Float, Mem::ChannelsLast),
+            (&[8, 64, 4, 4], Kind::BFloat16, Mem::Contiguous),
+        ];
+        let inputs: Vec<[Tensor; 4]> = shapes
+            .iter()
+            .map(|(shape, kind, mem)| device_inputs(shape, *kind, Kind::Float, *mem, &opts, device))
+            .collect();
+        let terms: Vec<VidTerm<'_>> = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, [m, t, a, _])| VidTerm {
+                mean: m,
+                target: t,
+                log_scale: a,
+                weight: 1.0 + k as f64,
+            })
+            .collect();
+        let params: Vec<&Tensor> = inputs.iter().flat_map(|[m, _, a, _]| [m, a]).collect();
+        let cpu_check = |loss: &Tensor, grads: &[Tensor], what: &str| {
+            let on_cpu: Vec<[Tensor; 3]> = inputs
+                .iter()
+                .map(|[m, t, a, _]| {
+                    let c = |x: &Tensor| x.detach().to_device(Device::Cpu).set_requires_grad(true);
+                    [c(m), c(t).set_requires_grad(false), c(a)]
+                })
+                .collect();
+            let cpu_terms: Vec<VidTerm<'_>> = on_cpu
+                .iter()
+                .enumerate()
+                .map(|(k, [m, t, a])| VidTerm {
+                    mean: m,
+                    target: t,
+                    log_scale: a,
+                    weight: 1.0 + k as f64,
+                })
+                .collect();
+            let expected = f_vid_loss_grouped(&cpu_terms, &opts).unwrap();
+            assert_close(&format!("{what}: loss"), loss, &expected, 1e-6, 1e-5);
+            let cpu_params: Vec<&Tensor> = on_cpu.iter().flat_map(|[m, _, a]| [m, a]).collect();
+            let cpu_grads = Tensor::run_backward(&[&expected], &cpu_params, false, false);
+            for (i, (g, e)) in grads.iter().zip(&cpu_grads).enumerate() {
+                let scale = e.to_kind(Kind::Double).abs().max().double_value(&[]);
+                assert_close(
+                    &format!("{what}: grad {i}"),
+                    g,
+                    e,
+                    1e-3 * scale + 1e-12,
+                    1e-2,
+                );
+            }
+        };
+        let loss = f_vid_loss_grouped(&terms, &opts).unwrap();
+        let grads = Tensor::run_backward(&[&loss], &params, false, false);
+        cpu_check(&loss, &grads, "eager");
+
+        let mut g = CudaGraph::new().unwrap();
+        let (loss, grads) = g
+            .capture(|| {
+                let loss = f_vid_loss_grouped(&terms, &opts)?;
+                let grads = Tensor::f_run_backward(&[&loss], &params, false, false)?;
+                Ok((loss, grads))
+            })
+            .unwrap();
+        for step in 0..3 {
+            tch::no_grad(|| {
+                for [m, _, a, _] in &inputs {
+                    m.detach()
+                        .copy_(&Tensor::randn(m.size(), (m.kind(), device)));
+                    a.detach()
+                        .copy_(&Tensor::randn(a.size(), (Kind::Float, device)));
+                }
+            });
+            g.replay().unwrap();
+            graph::synchronize(0).unwrap();
+            cpu_check(&loss, &grads, &format!("replay {step}"));
         }
     })
     .unwrap();
