@@ -26,7 +26,8 @@ struct TraverseArgs {
     const void *target;          // T*
     const void *upstream;        // T*: per-element upstream gradient (op grad_none), else null
     const void *upstream_scalar; // Acc*: upstream gradient of Mean/Sum (op grad), else null
-    const void *log_scale;       // Acc*, [C]
+    const void *table;           // Acc [2C]: the op's per-channel factors (p0, p1), computed
+                                 // once per call by an O(C) kernel: no FP64 while streaming
     void *out;                   // T*: per-element result (loss or grad of mean), or null
     void *out_negated;           // T*: negated per-element result (grad of target), or null
     void *partial;               // Acc*: partial sums, K per slot (ops that reduce)
@@ -37,24 +38,20 @@ struct TraverseArgs {
     long long channel_div;       // tile: channel = column / channel_div
     long long tile_x;            // tile: threads along the columns (in packs)
     long long vectorized;        // 1: 16-byte packs (alignment checked by the launcher)
-    double eps;
-    double scale;    // reduction factor k (1/n for Mean, 1 for Sum), op grad
-    double constant; // per-element constant (0.5 ln(2 pi) or 0), op loss
+    double unused[3]; // keeps the layout of the Rust mirror (eps, scale, constant before the table)
 };
 
 // ---- ops: per-channel parameters and the per-element step ---------------------------------
-
-struct ChannelBasics {
-    double alpha, var;
-};
+//
+// An op's per-channel factors come from the call's channel table (vid_channel_table_group, or
+// the log_scale gradient kernel for `grad`), in the accumulation type: the streaming kernels
+// never evaluate softplus, log or a division in double.
 
 template <typename A>
-__device__ __forceinline__ ChannelBasics channel_basics(const TraverseArgs &a, long long c) {
-    double alpha = (double)static_cast<const A *>(a.log_scale)[c];
-    ChannelBasics b;
-    b.alpha = alpha;
-    b.var = softplus(alpha) + a.eps;
-    return b;
+__device__ __forceinline__ void table_factors(const TraverseArgs &a, long long c, A &p0, A &p1) {
+    const A *table = static_cast<const A *>(a.table);
+    p0 = table[2 * c];
+    p1 = table[2 * c + 1];
 }
 
 // Q_c = sum d^2.
@@ -72,16 +69,14 @@ struct OpSumSq {
     }
 };
 
-// Per-element loss: 0.5/var * d^2 + (0.5 ln var + constant).
+// Per-element loss: p0 d^2 + p1, with p0 = 0.5/var, p1 = 0.5 ln var + constant.
 struct OpLoss {
     static const int K = 0;
     static const bool kWrites = true;
     static const bool kReadsUpstream = false;
     template <typename A>
     static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &p1) {
-        ChannelBasics b = channel_basics<A>(a, c);
-        p0 = (A)(0.5 / b.var);
-        p1 = (A)(0.5 * log(b.var) + a.constant);
+        table_factors(a, c, p0, p1);
     }
     template <typename A>
     static __device__ __forceinline__ A element(A p0, A p1, A m, A t, A, A *) {
@@ -90,16 +85,14 @@ struct OpLoss {
     }
 };
 
-// Gradient of mean for Mean/Sum: g * k / var * d.
+// Gradient of mean for Mean/Sum: p0 d, with p0 = g w k / var.
 struct OpGrad {
     static const int K = 0;
     static const bool kWrites = true;
     static const bool kReadsUpstream = false;
     template <typename A>
-    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &) {
-        ChannelBasics b = channel_basics<A>(a, c);
-        double g = (double)*static_cast<const A *>(a.upstream_scalar);
-        p0 = (A)(g * a.scale / b.var);
+    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &p1) {
+        table_factors(a, c, p0, p1);
     }
     template <typename A>
     static __device__ __forceinline__ A element(A p0, A, A m, A t, A, A *) {
@@ -107,14 +100,14 @@ struct OpGrad {
     }
 };
 
-// Gradient of mean for None: G * d / var, with R1 = sum G and R2 = sum G d^2 per channel.
+// Gradient of mean for None: G d p0 (p0 = 1 / var), with R1 = sum G, R2 = sum G d^2 per channel.
 struct OpGradNone {
     static const int K = 2;
     static const bool kWrites = true;
     static const bool kReadsUpstream = true;
     template <typename A>
-    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &) {
-        p0 = (A)(1.0 / channel_basics<A>(a, c).var);
+    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &p1) {
+        table_factors(a, c, p0, p1);
     }
     template <typename A>
     static __device__ __forceinline__ A element(A p0, A, A m, A t, A g, A *acc) {
@@ -550,7 +543,8 @@ struct LogScaleSegment {
     const void *sums;            // Acc: Q_c, or (R1_c, R2_c) interleaved
     const void *log_scale;       // Acc [C]
     const void *upstream_scalar; // Acc*: upstream gradient (with Q_c), else unused
-    void *out;                   // Acc [C]
+    void *out;                   // Acc [C], or null (no log_scale gradient wanted)
+    void *table;                 // Acc [2C]: (g w k / var, 0), the grad op's table, or null
     long long acc_f64;
     long long channels;
     long long sums_per_channel; // 1 or 2
@@ -579,11 +573,17 @@ template <typename A> __device__ void log_scale_grad(const LogScaleSegment &a, l
             const double gk = (double)*static_cast<const A *>(a.upstream_scalar) * a.scale;
             first = gk * a.per_channel;
             second = gk * (double)sums[c];
+            if (a.table != nullptr) {
+                static_cast<A *>(a.table)[2 * c] = (A)(gk / var);
+                static_cast<A *>(a.table)[2 * c + 1] = A(0);
+            }
         } else {
             first = (double)sums[2 * c];
             second = (double)sums[2 * c + 1];
         }
-        static_cast<A *>(a.out)[c] = (A)(0.5 * ((first - second / var) / var) * sigmoid(alpha));
+        if (a.out != nullptr) {
+            static_cast<A *>(a.out)[c] = (A)(0.5 * ((first - second / var) / var) * sigmoid(alpha));
+        }
     }
 }
 
@@ -596,6 +596,53 @@ __device__ void group_log_scale_grad(const LogScaleGroupArgs &g) {
         log_scale_grad<double>(seg, block, next - seg.block_begin);
     } else {
         log_scale_grad<float>(seg, block, next - seg.block_begin);
+    }
+}
+
+// ---- the channel table: an op's per-channel factors, once per call --------------------------
+
+enum TableKind { kLossFactors = 0, kInverseVariance = 1 };
+
+struct TableSegment {
+    const void *log_scale; // Acc [C]
+    void *table;           // Acc [2C]
+    long long acc_f64;
+    long long channels;
+    long long kind;        // TableKind
+    long long block_begin;
+    double eps;
+    double constant;       // loss factors: the per-element constant (0.5 ln(2 pi) or 0)
+};
+
+struct TableGroupArgs {
+    long long count;
+    TableSegment seg[kMaxSegments];
+};
+
+// (0.5 / var, 0.5 ln var + constant) for the loss, (1 / var, 0) for the gradient of None.
+template <typename A> __device__ void channel_table(const TableSegment &a, long long block, long long blocks) {
+    A *table = static_cast<A *>(a.table);
+    for (long long c = block * blockDim.x + threadIdx.x; c < a.channels; c += blocks * blockDim.x) {
+        const double var = softplus((double)static_cast<const A *>(a.log_scale)[c]) + a.eps;
+        if (a.kind == kLossFactors) {
+            table[2 * c] = (A)(0.5 / var);
+            table[2 * c + 1] = (A)(0.5 * log(var) + a.constant);
+        } else {
+            table[2 * c] = (A)(1.0 / var);
+            table[2 * c + 1] = A(0);
+        }
+    }
+}
+
+__device__ void group_channel_table(const TableGroupArgs &g) {
+    const int s = find_segment(g.seg, g.count);
+    const TableSegment &seg = g.seg[s];
+    const long long next = s + 1 < g.count ? g.seg[s + 1].block_begin : (long long)gridDim.x;
+    const long long block = (long long)blockIdx.x - seg.block_begin;
+    if (seg.acc_f64) {
+        channel_table<double>(seg, block, next - seg.block_begin);
+    } else {
+        channel_table<float>(seg, block, next - seg.block_begin);
     }
 }
 
@@ -629,3 +676,8 @@ extern "C" __global__ void __launch_bounds__(256) vid_log_scale_grad_group(vf::L
     vf::group_log_scale_grad(g);
 }
 VF_REGISTER_KERNEL(vid_log_scale_grad_group)
+
+extern "C" __global__ void __launch_bounds__(256) vid_channel_table_group(vf::TableGroupArgs g) {
+    vf::group_channel_table(g);
+}
+VF_REGISTER_KERNEL(vid_channel_table_group)

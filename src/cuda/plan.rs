@@ -36,7 +36,8 @@ struct TraverseArgs {
     target: u64,
     upstream: u64,
     upstream_scalar: u64,
-    log_scale: u64,
+    /// The op's channel table (Acc [2C]).
+    table: u64,
     out: u64,
     out_negated: u64,
     partial: u64,
@@ -47,9 +48,7 @@ struct TraverseArgs {
     channel_div: i64,
     tile_x: i64,
     vectorized: i64,
-    eps: f64,
-    scale: f64,
-    constant: f64,
+    unused: [f64; 3],
 }
 
 /// Segments per grouped launch (kernels/vid.cu: kMaxSegments); larger groups take several.
@@ -114,6 +113,7 @@ struct LogScaleSegment {
     log_scale: u64,
     upstream_scalar: u64,
     out: u64,
+    table: u64,
     acc_f64: i64,
     channels: i64,
     sums_per_channel: i64,
@@ -130,6 +130,31 @@ struct LogScaleGroupArgs {
     seg: [LogScaleSegment; MAX_SEGMENTS],
 }
 
+/// Mirrors `vf::TableSegment`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct TableSegment {
+    log_scale: u64,
+    table: u64,
+    acc_f64: i64,
+    channels: i64,
+    kind: i64,
+    block_begin: i64,
+    eps: f64,
+    constant: f64,
+}
+
+/// Mirrors `vf::TableGroupArgs`.
+#[repr(C)]
+struct TableGroupArgs {
+    count: i64,
+    seg: [TableSegment; MAX_SEGMENTS],
+}
+
+/// `vf::TableKind`: what a channel table holds.
+const TABLE_LOSS_FACTORS: i64 = 0;
+const TABLE_INVERSE_VARIANCE: i64 = 1;
+
 /// Ops of the traversal kernels and storage dtypes: the kernels are named
 /// `vid_<op>_group_<dtype>`, plus `vid_channel_sum_group` and `vid_log_scale_grad_group`
 /// (kernels/vid.cu).
@@ -140,6 +165,7 @@ const DTYPES: [&str; 4] = ["f32", "f64", "f16", "bf16"];
 pub fn kernel_names() -> Vec<String> {
     let mut names = vec![
         "vid_channel_sum_group".to_string(),
+        "vid_channel_table_group".to_string(),
         "vid_log_scale_grad_group".to_string(),
     ];
     for dtype in DTYPES {
@@ -366,14 +392,49 @@ impl<'a> Prepared<'a> {
         Traversal::plan(self.geometry(), pack, aligned, multiprocessors)
     }
 
-    /// The arguments of a traversal of this problem (inputs, log_scale, eps filled in).
+    /// The arguments of a traversal of this problem (inputs filled in).
     fn traverse_args(&self, traversal: &Traversal) -> TraverseArgs {
         let mut args = traversal.args(self.geometry());
         args.mean = ptr(&self.problem.mean);
         args.target = ptr(&self.problem.target);
-        args.log_scale = ptr(&self.log_scale);
-        args.eps = self.problem.options.eps_value();
         args
+    }
+
+    /// Launches the O(C) kernel that fills this problem's channel table (Acc [2C] at
+    /// `table`) with the factors of `kind`.
+    fn channel_table<L: KernelLauncher + ?Sized>(
+        &self,
+        launcher: &L,
+        table: u64,
+        kind: i64,
+    ) -> Result<()> {
+        let channels = self.geometry().channels;
+        let mut args = TableGroupArgs {
+            count: 1,
+            seg: [TableSegment::default(); MAX_SEGMENTS],
+        };
+        args.seg[0] = TableSegment {
+            log_scale: ptr(&self.log_scale),
+            table,
+            acc_f64: self.acc_f64(),
+            channels: channels as i64,
+            kind,
+            block_begin: 0,
+            eps: self.problem.options.eps_value(),
+            constant: self.constant(),
+        };
+        let blocks = channels.div_ceil(BLOCK as usize).min(MAX_GRID_Y);
+        launch_with(
+            launcher,
+            "vid_channel_table_group",
+            launch_config(blocks)?,
+            &mut args,
+        )
+    }
+
+    /// Bytes of a channel table.
+    fn table_bytes(&self) -> usize {
+        2 * self.geometry().channels * self.acc.elt_size_in_bytes()
     }
 
     /// 1/n for Mean, 1 for Sum.
@@ -565,10 +626,12 @@ pub(crate) fn forward<L: KernelLauncher + ?Sized>(
     }
     let p = Prepared::new(problem)?;
     let loss = p.empty_like_input(true)?.expect("needed");
+    let (_workspace, tables, _) = Workspace::new(problem.device(), &[p.table_bytes()])?;
+    p.channel_table(launcher, tables[0], TABLE_LOSS_FACTORS)?;
     let traversal = p.traversal(&[Some(&loss)], launcher.multiprocessors())?;
     let mut args = p.traverse_args(&traversal);
     args.out = ptr(&loss);
-    args.constant = p.constant();
+    args.table = tables[0];
     let item = TraverseItem {
         dtype: p.dtype,
         traversal,
@@ -731,11 +794,17 @@ pub(crate) fn backward<L: KernelLauncher + ?Sized>(
         launcher.multiprocessors(),
     )?;
     let channels = p.geometry().channels;
-    let (_workspace, partials, _) = Workspace::new(
+    let (_workspace, pieces, _) = Workspace::new(
         problem.device(),
-        &[traversal.slots(channels) * 2 * p.acc.elt_size_in_bytes()],
+        &[
+            traversal.slots(channels) * 2 * p.acc.elt_size_in_bytes(),
+            p.table_bytes(),
+        ],
     )?;
+    let (partials, table) = (&pieces[..1], pieces[1]);
+    p.channel_table(launcher, table, TABLE_INVERSE_VARIANCE)?;
     let mut args = p.traverse_args(&traversal);
+    args.table = table;
     args.upstream = ptr(&upstream);
     args.out = optional_ptr(grad_mean.as_ref());
     args.out_negated = optional_ptr(grad_target.as_ref());
@@ -766,6 +835,7 @@ pub(crate) fn backward<L: KernelLauncher + ?Sized>(
             sums: ptr(&sums),
             log_scale: ptr(&p.log_scale),
             out: ptr(&out),
+            table: 0,
             acc_f64: p.acc_f64(),
             channels: channels as i64,
             sums_per_channel: 2,
@@ -809,27 +879,31 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
             .find(|(k, _)| *k == acc)
             .map_or(0, |(_, t)| ptr(t))
     };
+    // One workspace for the tables of the problems whose mean/target need gradients.
+    let table_bytes: Vec<usize> = prepared.iter().map(|p| p.table_bytes()).collect();
+    let (_workspace, tables, _) = Workspace::new(problems[0].device(), &table_bytes)?;
     let mut grads = Vec::with_capacity(problems.len());
     let mut items = Vec::new();
     let mut scale_segments = Vec::new();
-    for ((p, n), (w, q)) in prepared
+    for (((p, n), (w, q)), &table) in prepared
         .iter()
         .zip(needs)
         .zip(weights.iter().zip(channel_sumsq))
+        .zip(&tables)
     {
         let wk = w * p.reduction_factor();
         let grad_mean = p.empty_like_input(n.mean)?;
         let grad_target = p.empty_like_input(n.target)?;
-        if n.mean || n.target {
+        let wants_elementwise = n.mean || n.target;
+        if wants_elementwise {
             let traversal = p.traversal(
                 &[grad_mean.as_ref(), grad_target.as_ref()],
                 launcher.multiprocessors(),
             )?;
             let mut args = p.traverse_args(&traversal);
-            args.upstream_scalar = upstream_of(p.acc);
+            args.table = table;
             args.out = optional_ptr(grad_mean.as_ref());
             args.out_negated = optional_ptr(grad_target.as_ref());
-            args.scale = wk;
             items.push(TraverseItem {
                 dtype: p.dtype,
                 traversal,
@@ -838,12 +912,18 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
             });
         }
         let log_scale = if n.log_scale {
-            let out = p.empty(&[p.geometry().channels as i64], p.acc)?;
+            Some(p.empty(&[p.geometry().channels as i64], p.acc)?)
+        } else {
+            None
+        };
+        if n.log_scale || wants_elementwise {
+            // One O(C) kernel for both: the log_scale gradient and the grad op's table.
             scale_segments.push(LogScaleSegment {
                 sums: ptr(q),
                 log_scale: ptr(&p.log_scale),
                 upstream_scalar: upstream_of(p.acc),
-                out: ptr(&out),
+                out: optional_ptr(log_scale.as_ref()),
+                table: if wants_elementwise { table } else { 0 },
                 acc_f64: p.acc_f64(),
                 channels: p.geometry().channels as i64,
                 sums_per_channel: 1,
@@ -852,21 +932,18 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
                 per_channel: p.geometry().per_channel() as f64,
                 scale: wk,
             });
-            Some(out)
-        } else {
-            None
-        };
+        }
         grads.push(Grads {
             mean: grad_mean,
             target: grad_target,
             log_scale,
         });
     }
-    if !items.is_empty() {
-        traverse_group(launcher, "grad", &items, 0)?;
-    }
     if !scale_segments.is_empty() {
         log_scale_grad_group(launcher, &scale_segments)?;
+    }
+    if !items.is_empty() {
+        traverse_group(launcher, "grad", &items, 0)?;
     }
     Ok(grads)
 }

@@ -1,0 +1,139 @@
+//! The SASS of the NVRTC CUBINs, read with `cuobjdump` (which the torch wheel's triton
+//! package brings; scripts/setup.sh installs it): the kernels that stream f32, f16 and bf16
+//! elements hold no FP64 instruction. Consumer and L-series GPUs run FP64 at 1/32-1/64 of
+//! the FP32 rate, so one double-precision divide per element would make a memory-bound
+//! kernel compute-bound; per-channel math belongs in the O(C) channel-table kernels.
+//! No GPU needed. `cargo test sass` selects these.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use vidfuse::cuda::nvrtc;
+
+/// `cuobjdump` next to the torch this crate was built with.
+fn cuobjdump() -> PathBuf {
+    let lib = PathBuf::from(env!("VIDFUSE_LIBTORCH_LIB"));
+    let path = lib.join("../../triton/backends/nvidia/bin/cuobjdump");
+    assert!(
+        path.exists(),
+        "cuobjdump not found at {} (it comes with the torch wheel's triton package: run scripts/setup.sh)",
+        path.display()
+    );
+    path
+}
+
+/// `(kernel name, its SASS lines)` of a CUBIN.
+fn disassemble(cubin: &[u8], arch: &str) -> Vec<(String, Vec<String>)> {
+    let dir = std::env::temp_dir().join(format!("vidfuse-sass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("vid-{arch}.cubin"));
+    std::fs::write(&file, cubin).unwrap();
+    let out = Command::new(cuobjdump())
+        .arg("-sass")
+        .arg(&file)
+        .output()
+        .expect("run cuobjdump");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "cuobjdump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut kernels: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line.trim().strip_prefix("Function : ") {
+            kernels.push((name.trim().to_string(), Vec::new()));
+        } else if let Some((_, lines)) = kernels.last_mut() {
+            if line.contains("/*") && line.contains(';') {
+                lines.push(line.trim().to_string());
+            }
+        }
+    }
+    kernels
+}
+
+/// Whether a SASS instruction works on FP64 values: a D* arithmetic opcode, a conversion
+/// to or from F64, or a 64-bit MUFU approximation.
+fn is_fp64(instruction: &str) -> bool {
+    let text = instruction
+        .split("*/")
+        .nth(1)
+        .unwrap_or(instruction)
+        .trim_start();
+    // Skip a predicate guard such as `@P0` or `@!PT`.
+    let text = match text.strip_prefix('@') {
+        Some(rest) => rest.split_once(' ').map_or(rest, |(_, r)| r).trim_start(),
+        None => text,
+    };
+    let opcode = text.split_whitespace().next().unwrap_or("");
+    let base = opcode.split('.').next().unwrap_or("");
+    matches!(
+        base,
+        "DADD" | "DMUL" | "DFMA" | "DSETP" | "DMNMX" | "DSET" | "DRSQ"
+    ) || opcode.contains(".F64")
+        || opcode.contains("64H")
+}
+
+/// The kernels that stream f32/f16/bf16 elements (f64 inputs may use FP64).
+fn streams_32_or_16_bit(kernel: &str) -> bool {
+    kernel.starts_with("vid_")
+        && ["_f32", "_f16", "_bf16"]
+            .iter()
+            .any(|s| kernel.ends_with(s))
+}
+
+#[test]
+fn sass_streaming_kernels_hold_no_fp64() {
+    let mut offenders = Vec::new();
+    for arch in ["sm_80", "sm_89", "sm_90"] {
+        let compiled = nvrtc::compile(arch).unwrap_or_else(|e| panic!("{e}"));
+        let kernels = disassemble(&compiled.cubin, arch);
+        let streaming: Vec<_> = kernels
+            .iter()
+            .filter(|(name, _)| streams_32_or_16_bit(name))
+            .collect();
+        assert!(
+            streaming.len() >= 12,
+            "{arch}: expected the 12 f32/f16/bf16 streaming kernels, found {:?}",
+            kernels.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+        for (name, lines) in streaming {
+            let fp64: Vec<&String> = lines.iter().filter(|l| is_fp64(l)).collect();
+            if !fp64.is_empty() {
+                offenders.push(format!(
+                    "{arch} {name}: {} FP64 instructions, e.g. {}",
+                    fp64.len(),
+                    fp64[0]
+                ));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "FP64 in streaming kernels:\n{}",
+        offenders.join("\n")
+    );
+}
+
+/// The detector sees FP64 where there is some: the f64 kernels and the O(C) kernels use it.
+#[test]
+fn sass_fp64_detector_finds_double_precision_code() {
+    let compiled = nvrtc::compile("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    let kernels = disassemble(&compiled.cubin, "sm_90");
+    for wanted in [
+        "vid_channel_table_group",
+        "vid_log_scale_grad_group",
+        "vid_grad_group_f64",
+    ] {
+        let (_, lines) = kernels
+            .iter()
+            .find(|(name, _)| name == wanted)
+            .unwrap_or_else(|| panic!("{wanted} not in the CUBIN"));
+        assert!(lines.iter().any(|l| is_fp64(l)), "{wanted}: no FP64 found");
+    }
+    assert!(is_fp64("/*0070*/  @!P0 DADD R2, R4, R6 ;"));
+    assert!(is_fp64("/*0080*/  F2F.F64.F32 R2, R4 ;"));
+    assert!(!is_fp64("/*0090*/  LDG.E.64 R2, desc[UR4][R4.64] ;"));
+    assert!(!is_fp64("/*00a0*/  FFMA R2, R4, R6, R8 ;"));
+}
