@@ -23,8 +23,13 @@ const WARPS_PER_BLOCK: u64 = BLOCK as u64 / 32;
 const WARP_MIN_ROW: usize = 512;
 /// Elements per warp segment (a multiple of every pack width).
 const WARP_SEGMENT: usize = 4096;
-/// Elements a tile block aims to cover (bounds the partials to about numel / 32 values).
-const TILE_ELEMENTS: usize = 32 * 1024;
+/// Elements a tile block aims to cover: 8M elements make 1024 blocks, two waves of two
+/// blocks per SM on a 170-SM GPU.
+const TILE_BLOCK_ELEMENTS: usize = 8 * 1024;
+/// Rows of a tile chunk for 4-byte elements: each partial sum covers at least this many rows
+/// of its column, so an f32 partial is written and read once per 64 elements of each input
+/// (1.6% of the op's bytes).
+const CHUNK_ROWS_F32: usize = 64;
 /// The largest grid.y.
 const MAX_GRID_Y: usize = 65_535;
 
@@ -248,12 +253,7 @@ struct Traversal {
 }
 
 impl Traversal {
-    fn plan(
-        geometry: &Geometry,
-        pack: usize,
-        aligned: bool,
-        multiprocessors: usize,
-    ) -> Result<Traversal> {
+    fn plan(geometry: &Geometry, pack: usize, aligned: bool) -> Result<Traversal> {
         let (n, c, s) = (geometry.batch, geometry.channels, geometry.inner);
         match geometry.layout {
             Layout::ChannelsFirst if s >= WARP_MIN_ROW => {
@@ -276,18 +276,20 @@ impl Traversal {
                 })
             }
             // Short NCHW rows: the [N][C * S] view, channel = column / S.
-            Layout::ChannelsFirst => Self::tile(n, c * s, s, pack, aligned, multiprocessors),
-            Layout::ChannelsLast => Self::tile(n * s, c, 1, pack, aligned, multiprocessors),
+            Layout::ChannelsFirst => Self::tile(n, c * s, s, pack, aligned),
+            Layout::ChannelsLast => Self::tile(n * s, c, 1, pack, aligned),
         }
     }
 
+    /// The tile traversal of a `[rows][cols]` view. Every choice follows from the shape and
+    /// dtype alone (never from the GPU), so the partial sums, and the result's bits, are the
+    /// same on every GPU model.
     fn tile(
         rows: usize,
         cols: usize,
         channel_div: usize,
         pack: usize,
         aligned: bool,
-        multiprocessors: usize,
     ) -> Result<Traversal> {
         if u32::try_from(cols).is_err() {
             return Err(VidError::invalid(
@@ -296,17 +298,20 @@ impl Traversal {
             ));
         }
         let vectorized = aligned && cols % pack == 0;
-        let pack_cols = cols / if vectorized { pack } else { 1 };
-        let tile_x = pack_cols.min(BLOCK as usize);
+        let width = if vectorized { pack } else { 1 };
+        let pack_cols = cols / width;
+        // 16-byte packs hold `pack` elements: 16-bit inputs take twice the rows per chunk,
+        // so partials stay the same fraction of the bytes.
+        let chunk_rows = CHUNK_ROWS_F32 * (pack / 4).max(1);
+        // Threads across the columns: about TILE_BLOCK_ELEMENTS per block over chunk_rows rows.
+        let wanted = (TILE_BLOCK_ELEMENTS / (chunk_rows * width))
+            .clamp(1, BLOCK as usize)
+            .next_power_of_two();
+        let tile_x = pack_cols.min(wanted);
         let tile_y = BLOCK as usize / tile_x;
-        let col_tiles = pack_cols.div_ceil(tile_x);
-        // Rows per block: about TILE_ELEMENTS per block, but enough blocks for every SM.
-        let tile_cols = tile_x * if vectorized { pack } else { 1 };
-        let mut seg_len = (TILE_ELEMENTS / tile_cols).max(tile_y).div_ceil(tile_y) * tile_y;
-        while seg_len > tile_y && rows.div_ceil(seg_len) * col_tiles < 4 * multiprocessors {
-            seg_len = (seg_len / 2).div_ceil(tile_y) * tile_y;
-        }
+        let seg_len = chunk_rows.max(tile_y).div_ceil(tile_y) * tile_y;
         let chunks = rows.div_ceil(seg_len);
+        let col_tiles = pack_cols.div_ceil(tile_x);
         Ok(Traversal {
             tile: true,
             blocks: chunks * col_tiles,
@@ -377,11 +382,7 @@ impl<'a> Prepared<'a> {
     }
 
     /// Plans a traversal over mean/target and the given per-element tensors.
-    fn traversal(
-        &self,
-        per_element: &[Option<&Tensor>],
-        multiprocessors: usize,
-    ) -> Result<Traversal> {
+    fn traversal(&self, per_element: &[Option<&Tensor>]) -> Result<Traversal> {
         let p = self.problem;
         let pack = 16 / p.kind().elt_size_in_bytes();
         let aligned = [Some(&p.mean), Some(&p.target)]
@@ -389,7 +390,7 @@ impl<'a> Prepared<'a> {
             .chain(per_element)
             .flatten()
             .all(|t| ptr(t) % 16 == 0);
-        Traversal::plan(self.geometry(), pack, aligned, multiprocessors)
+        Traversal::plan(self.geometry(), pack, aligned)
     }
 
     /// The arguments of a traversal of this problem (inputs filled in).
@@ -628,7 +629,7 @@ pub(crate) fn forward<L: KernelLauncher + ?Sized>(
     let loss = p.empty_like_input(true)?.expect("needed");
     let (_workspace, tables, _) = Workspace::new(problem.device(), &[p.table_bytes()])?;
     p.channel_table(launcher, tables[0], TABLE_LOSS_FACTORS)?;
-    let traversal = p.traversal(&[Some(&loss)], launcher.multiprocessors())?;
+    let traversal = p.traversal(&[Some(&loss)])?;
     let mut args = p.traverse_args(&traversal);
     args.out = ptr(&loss);
     args.table = tables[0];
@@ -658,7 +659,7 @@ fn sums_and_losses<L: KernelLauncher + ?Sized>(
 ) -> Result<Vec<Tensor>> {
     let traversals = prepared
         .iter()
-        .map(|p| p.traversal(&[], launcher.multiprocessors()))
+        .map(|p| p.traversal(&[]))
         .collect::<Result<Vec<_>>>()?;
     let partial_bytes: Vec<usize> = prepared
         .iter()
@@ -789,10 +790,7 @@ pub(crate) fn backward<L: KernelLauncher + ?Sized>(
     let grad_mean = p.empty_like_input(needs.mean)?;
     let grad_target = p.empty_like_input(needs.target)?;
     let upstream = grad.f_to_kind(problem.kind())?;
-    let traversal = p.traversal(
-        &[Some(&upstream), grad_mean.as_ref(), grad_target.as_ref()],
-        launcher.multiprocessors(),
-    )?;
+    let traversal = p.traversal(&[Some(&upstream), grad_mean.as_ref(), grad_target.as_ref()])?;
     let channels = p.geometry().channels;
     let (_workspace, pieces, _) = Workspace::new(
         problem.device(),
@@ -896,10 +894,7 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
         let grad_target = p.empty_like_input(n.target)?;
         let wants_elementwise = n.mean || n.target;
         if wants_elementwise {
-            let traversal = p.traversal(
-                &[grad_mean.as_ref(), grad_target.as_ref()],
-                launcher.multiprocessors(),
-            )?;
+            let traversal = p.traversal(&[grad_mean.as_ref(), grad_target.as_ref()])?;
             let mut args = p.traverse_args(&traversal);
             args.table = table;
             args.out = optional_ptr(grad_mean.as_ref());
@@ -946,4 +941,83 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
         traverse_group(launcher, "grad", &items, 0)?;
     }
     Ok(grads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes a Mean/Sum forward and backward move, from the plan: inputs and outputs once,
+    /// partial sums written and read once, per-channel arrays (sums, log_scale, channel
+    /// table, log_scale gradient) once each.
+    fn traffic(g: &Geometry, kind: Kind) -> (f64, f64, Traversal) {
+        let elt = kind.elt_size_in_bytes() as f64;
+        let acc = acc_kind(kind).elt_size_in_bytes() as f64;
+        let t = Traversal::plan(g, 16 / kind.elt_size_in_bytes(), true).unwrap();
+        let (n, c) = (g.numel() as f64, g.channels as f64);
+        let partials = t.slots(g.channels) as f64 * acc;
+        let forward = 2.0 * n * elt + 2.0 * partials + 2.0 * c * acc;
+        let backward = 3.0 * n * elt + 2.0 * c * acc + 2.0 * 2.0 * c * acc + c * acc;
+        (forward, backward, t)
+    }
+
+    /// The plan's bytes are within 3% of the floor (reading the inputs; backward also
+    /// writing the gradient) from 16M elements on (10% for [4096, 1000]), every case has
+    /// blocks for two waves of two blocks per SM on a 170-SM GPU, and the plan depends on
+    /// the shape alone (the launcher's SM count is not an input: the same partials, hence
+    /// the same bits, on every GPU).
+    #[test]
+    fn traffic_is_near_the_bytes_floor_with_enough_blocks() {
+        let maps: [[usize; 4]; 4] = [
+            [64, 256, 32, 32],
+            [256, 256, 16, 16],
+            [256, 512, 8, 8],
+            [1024, 256, 56, 56],
+        ];
+        let mut cases = Vec::new();
+        for [n, c, h, w] in maps {
+            for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+                cases.push(Geometry {
+                    batch: n,
+                    channels: c,
+                    inner: h * w,
+                    layout,
+                });
+            }
+        }
+        for (n, c) in [(4096, 1000), (8192, 32000)] {
+            cases.push(Geometry {
+                batch: n,
+                channels: c,
+                inner: 1,
+                layout: Layout::ChannelsLast,
+            });
+        }
+        let mut report = String::new();
+        for g in &cases {
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let (forward, backward, t) = traffic(g, kind);
+                let floor = g.numel() as f64 * kind.elt_size_in_bytes() as f64;
+                let (f, b) = (forward / (2.0 * floor), backward / (3.0 * floor));
+                report += &format!(
+                    "{g:?} {kind:?}: forward {f:.4}x, backward {b:.4}x the floor, {} blocks ({})\n",
+                    t.blocks,
+                    if t.tile { "tile" } else { "warp" }
+                );
+                let allowed = if g.numel() >= 1 << 24 {
+                    1.03
+                } else if (g.batch, g.channels) == (4096, 1000) {
+                    1.10
+                } else {
+                    f64::INFINITY
+                };
+                assert!(f <= allowed && b <= allowed, "{report}");
+                assert!(
+                    t.blocks >= 2 * 2 * 170 || g.numel() < 1 << 23,
+                    "too few blocks\n{report}"
+                );
+            }
+        }
+        println!("{report}");
+    }
 }
