@@ -662,10 +662,25 @@ __device__ void group_channel_table(const TableGroupArgs &g) {
     VF_GROUP_KERNEL(grad, vf::OpGrad, T, suffix)                                                   \
     VF_GROUP_KERNEL(grad_none, vf::OpGradNone, T, suffix)
 
+// The run-time compiler builds one module per dtype in use (VF_ONLY_<dtype>) and one of the
+// dtype-free kernels (VF_NO_DTYPE_KERNELS), so that a first call compiles only what it needs;
+// with neither defined (the host emulation, the compile tests) everything is built.
+#if !defined(VF_NO_DTYPE_KERNELS)
+#if !defined(VF_ONLY_DTYPE) || defined(VF_ONLY_f32)
 VF_DTYPE_KERNELS(float, f32)
+#endif
+#if !defined(VF_ONLY_DTYPE) || defined(VF_ONLY_f64)
 VF_DTYPE_KERNELS(double, f64)
+#endif
+#if !defined(VF_ONLY_DTYPE) || defined(VF_ONLY_f16)
 VF_DTYPE_KERNELS(vf::f16_t, f16)
+#endif
+#if !defined(VF_ONLY_DTYPE) || defined(VF_ONLY_bf16)
 VF_DTYPE_KERNELS(vf::bf16_t, bf16)
+#endif
+#endif
+
+#if !defined(VF_ONLY_DTYPE)
 
 extern "C" __global__ void __launch_bounds__(256) vid_channel_sum_group(vf::ChannelSumGroupArgs g) {
     vf::group_channel_sum(g);
@@ -681,3 +696,4 @@ extern "C" __global__ void __launch_bounds__(256) vid_channel_table_group(vf::Ta
     vf::group_channel_table(g);
 }
 VF_REGISTER_KERNEL(vid_channel_table_group)
+#endif // !VF_ONLY_DTYPE

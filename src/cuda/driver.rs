@@ -10,16 +10,33 @@ use cudarc::driver::{result as driver, sys, CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
 
 use super::launcher::{KernelLauncher, LaunchConfig};
+use super::nvrtc::{KernelPart, Target};
 use super::{nvrtc, plan, probe};
 use crate::autograd;
 use crate::error::{Result, VidError};
 
-/// A device's loaded kernels.
+/// The functions of one loaded module, by kernel name (each keeps the module loaded).
+type Functions = HashMap<String, CudaFunction>;
+
+/// One part's module, loaded on first use. The slot's own lock is held while that part
+/// compiles, so NVRTC never blocks other parts, other devices, or launches of loaded kernels.
+type PartSlot = Mutex<Option<Arc<Functions>>>;
+
+/// The parts of the kernels, one module each: the dtype-free kernels and one per dtype.
+const PARTS: [KernelPart; 5] = [
+    KernelPart::Common,
+    KernelPart::Dtype("f32"),
+    KernelPart::Dtype("f64"),
+    KernelPart::Dtype("f16"),
+    KernelPart::Dtype("bf16"),
+];
+
+/// A device's context and its kernels' modules.
 pub(crate) struct DeviceKernels {
     ordinal: usize,
     context: Arc<CudaContext>,
-    /// Every kernel of the module (each keeps the module loaded).
-    functions: HashMap<String, CudaFunction>,
+    target: Target,
+    parts: [PartSlot; 5],
     multiprocessors: usize,
 }
 
@@ -30,7 +47,7 @@ fn driver_error(call: &'static str) -> impl Fn(driver::DriverError) -> VidError 
     }
 }
 
-/// The kernels of device `ordinal`, compiled and loaded on first use.
+/// Device `ordinal`'s context and kernel cache (no kernel is compiled here).
 pub(crate) fn device_kernels(ordinal: usize) -> Result<Arc<DeviceKernels>> {
     static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<DeviceKernels>>>> = OnceLock::new();
     let devices = DEVICES.get_or_init(Default::default);
@@ -40,12 +57,12 @@ pub(crate) fn device_kernels(ordinal: usize) -> Result<Arc<DeviceKernels>> {
     if let Some(kernels) = devices.get(&ordinal) {
         return Ok(kernels.clone());
     }
-    let kernels = Arc::new(load(ordinal)?);
+    let kernels = Arc::new(open(ordinal)?);
     devices.insert(ordinal, kernels.clone());
     Ok(kernels)
 }
 
-fn load(ordinal: usize) -> Result<DeviceKernels> {
+fn open(ordinal: usize) -> Result<DeviceKernels> {
     probe::ensure_driver()?;
     probe::ensure_nvrtc()?;
     driver::init().map_err(driver_error("cuInit"))?;
@@ -53,58 +70,107 @@ fn load(ordinal: usize) -> Result<DeviceKernels> {
     let _restore = ContextRestore::save()?;
     // Retains the primary context: the one PyTorch uses.
     let context = CudaContext::new(ordinal).map_err(driver_error("cuCtx (primary context)"))?;
-    let (major, minor) = context
+    let capability = context
         .compute_capability()
         .map_err(driver_error("cuDeviceGetAttribute"))?;
     let multiprocessors = context
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(driver_error("cuDeviceGetAttribute"))? as usize;
-    let arch = format!("sm_{major}{minor}");
-    let (cubin, cache_file) = cached_cubin(&arch)?;
-    let module = match context.load_module(Ptx::from_binary(cubin)) {
-        Ok(module) => module,
-        // A damaged cache file: drop it and compile afresh.
-        Err(_) if cache_file.is_some() => {
-            let _ = std::fs::remove_file(cache_file.unwrap_or_default());
-            context
-                .load_module(Ptx::from_binary(nvrtc::compile(&arch)?.cubin))
-                .map_err(driver_error("cuModuleLoadData"))?
-        }
-        Err(e) => return Err(driver_error("cuModuleLoadData")(e)),
-    };
-    // Look every kernel up now, so that nothing is loaded later (say, during a CUDA-graph
-    // capture, where module loading is refused).
-    let mut functions = HashMap::new();
-    for name in plan::kernel_names() {
-        let function = module.load_function(&name).map_err(|e| VidError::Launch {
-            kernel: name.clone(),
-            message: format!("not found in the module: {e:?}"),
-        })?;
-        functions.insert(name, function);
-    }
+    let target = nvrtc::select_target(capability, &nvrtc::supported_archs()?)?;
     Ok(DeviceKernels {
         ordinal,
         context,
-        functions,
+        target,
+        parts: Default::default(),
         multiprocessors,
     })
 }
 
-/// The CUBIN for `arch`: from the disk cache (with its path) when the same source, options
-/// and NVRTC built it, else freshly compiled (and cached).
-fn cached_cubin(arch: &str) -> Result<(Vec<u8>, Option<PathBuf>)> {
+impl DeviceKernels {
+    /// Compiles (or takes from the caches) and loads every part now: call before capturing a
+    /// CUDA graph, where module loading is refused.
+    pub(crate) fn load_all(&self) -> Result<()> {
+        for part in PARTS {
+            self.part(part)?;
+        }
+        Ok(())
+    }
+
+    /// The functions of `part`, compiled and loaded on first use.
+    fn part(&self, part: KernelPart) -> Result<Arc<Functions>> {
+        let index = PARTS.iter().position(|p| *p == part).unwrap_or(0);
+        let mut slot = self.parts[index]
+            .lock()
+            .map_err(|_| VidError::CudaUnavailable("kernel cache poisoned".into()))?;
+        if let Some(functions) = slot.as_ref() {
+            return Ok(functions.clone());
+        }
+        let functions = Arc::new(self.load_part(part)?);
+        *slot = Some(functions.clone());
+        Ok(functions)
+    }
+
+    fn load_part(&self, part: KernelPart) -> Result<Functions> {
+        let _restore = ContextRestore::save()?;
+        self.context
+            .bind_to_thread()
+            .map_err(driver_error("cuCtxSetCurrent"))?;
+        let (image, cache_file) = cached_image(&self.target, part)?;
+        let module = match self.context.load_module(Ptx::from_binary(image)) {
+            Ok(module) => module,
+            // A damaged cache file: drop it and compile afresh.
+            Err(_) if cache_file.is_some() => {
+                let _ = std::fs::remove_file(cache_file.unwrap_or_default());
+                self.context
+                    .load_module(Ptx::from_binary(
+                        nvrtc::compile_part(&self.target, part)?.cubin,
+                    ))
+                    .map_err(driver_error("cuModuleLoadData"))?
+            }
+            Err(e) => return Err(driver_error("cuModuleLoadData")(e)),
+        };
+        // Look every kernel of the part up now, so that nothing is loaded at launch time.
+        let mut functions = HashMap::new();
+        for name in plan::kernel_names()
+            .into_iter()
+            .filter(|n| KernelPart::of_kernel(n) == part)
+        {
+            let function = module.load_function(&name).map_err(|e| VidError::Launch {
+                kernel: name.clone(),
+                message: format!("not found in the module: {e:?}"),
+            })?;
+            functions.insert(name, function);
+        }
+        Ok(functions)
+    }
+}
+
+/// The image of `part` for `target`: from the disk cache (with its path) when the same
+/// source, options and NVRTC built it, else freshly compiled (and cached).
+fn cached_image(target: &Target, part: KernelPart) -> Result<(Vec<u8>, Option<PathBuf>)> {
     let (major, minor) = nvrtc::version()?;
     let key = format!(
-        "{}\n{:?}\nnvrtc {major}.{minor}\n{arch}",
+        "{}\n{:?}\n{}\nnvrtc {major}.{minor}\n{target:?}",
         nvrtc::kernel_source(),
-        nvrtc::compile_options(arch)
+        nvrtc::compile_options(target.arch()),
+        part.define(),
     );
-    let path =
-        cache_dir().map(|dir| dir.join(format!("vid-{arch}-{:016x}.cubin", fnv1a(key.as_bytes()))));
+    let extension = if matches!(target, Target::Ptx(_)) {
+        "ptx"
+    } else {
+        "cubin"
+    };
+    let path = cache_dir().map(|dir| {
+        dir.join(format!(
+            "vid-{}-{:016x}.{extension}",
+            target.arch(),
+            fnv1a(key.as_bytes())
+        ))
+    });
     if let Some(image) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok((image, path));
     }
-    let compiled = nvrtc::compile(arch)?;
+    let compiled = nvrtc::compile_part(target, part)?;
     if let Some(path) = path {
         // Best effort: a cache that cannot be written only costs a recompile next time.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -137,11 +203,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 impl DeviceKernels {
-    fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions.get(name).ok_or_else(|| VidError::Launch {
-            kernel: name.into(),
-            message: "no such kernel in the module".into(),
-        })
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.part(KernelPart::of_kernel(name))?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VidError::Launch {
+                kernel: name.into(),
+                message: "no such kernel in the module".into(),
+            })
     }
 
     /// A launcher on PyTorch's current stream of this device.

@@ -23,8 +23,9 @@ use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
 
 /// Compiles (or loads from the disk cache) and loads every kernel for a CUDA device now,
-/// rather than on the first call of the op. Call it before capturing a CUDA graph (module
-/// loading is not allowed during a capture), or to check that CUDA works.
+/// rather than on the first call of the op (which compiles only the kernels of the dtype it
+/// uses, plus the dtype-free ones). Call it before capturing a CUDA graph (module loading is
+/// not allowed during a capture), or to check that CUDA works.
 ///
 /// ```
 /// // Without a GPU this is a clear error, never a panic.
@@ -34,7 +35,7 @@ use crate::validate::VidProblem;
 /// ```
 pub fn warm_up(device: Device) -> Result<()> {
     match device {
-        Device::Cuda(ordinal) => driver::device_kernels(ordinal).map(|_| ()),
+        Device::Cuda(ordinal) => driver::device_kernels(ordinal)?.load_all(),
         other => Err(VidError::invalid(
             "device",
             format!("expected a CUDA device, got {other:?}"),

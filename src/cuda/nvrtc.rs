@@ -25,22 +25,130 @@ pub fn kernel_source() -> String {
     VID_CU.replace("#include \"common.cuh\"", COMMON_CUH)
 }
 
-/// The options kernels are compiled with for `arch` (e.g. `sm_90`).
+/// The options kernels are compiled with for `arch` (e.g. `sm_90`, or `compute_90` for PTX).
 pub fn compile_options(arch: &str) -> Vec<String> {
-    vec![
+    let mut options = vec![
         format!("--gpu-architecture={arch}"),
         "-std=c++17".into(),
-        "--ptxas-options=-v".into(),
         "-DNDEBUG".into(),
-    ]
+    ];
+    if arch.starts_with("sm_") {
+        // ptxas runs only for a real architecture.
+        options.push("--ptxas-options=-v".into());
+    }
+    options
 }
 
-/// A compiled CUBIN and what the compiler said.
+/// A part of the kernels, compiled into a module of its own so that a first call compiles
+/// only what it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelPart {
+    /// The kernels that do not depend on the input dtype (sums, channel tables, gradients
+    /// of log_scale).
+    Common,
+    /// The streaming kernels of one dtype (`f32`, `f64`, `f16`, `bf16`).
+    Dtype(&'static str),
+}
+
+impl KernelPart {
+    /// The part a kernel belongs to, from its name (`vid_<op>_group_<dtype>`).
+    pub fn of_kernel(name: &str) -> KernelPart {
+        for dtype in ["bf16", "f16", "f32", "f64"] {
+            if name.ends_with(&format!("_group_{dtype}")) {
+                return KernelPart::Dtype(dtype);
+            }
+        }
+        KernelPart::Common
+    }
+
+    /// The preprocessor definition that selects this part in kernels/vid.cu.
+    pub fn define(self) -> String {
+        match self {
+            KernelPart::Common => "-DVF_NO_DTYPE_KERNELS".into(),
+            KernelPart::Dtype(dtype) => format!("-DVF_ONLY_DTYPE -DVF_ONLY_{dtype}"),
+        }
+    }
+}
+
+/// What to compile for a device: a CUBIN for its exact architecture when this NVRTC knows
+/// it, else PTX for the newest virtual architecture it knows, which the driver compiles for
+/// the device when loading it (a GPU newer than the NVRTC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `sm_XX`.
+    Cubin(String),
+    /// `compute_XX`.
+    Ptx(String),
+}
+
+impl Target {
+    /// The `--gpu-architecture` value.
+    pub fn arch(&self) -> &str {
+        match self {
+            Target::Cubin(a) | Target::Ptx(a) => a,
+        }
+    }
+}
+
+/// The target for a device of compute capability `(major, minor)`, given the architectures
+/// NVRTC supports (as `nvrtcGetSupportedArchs` lists them: 75, 80, ...). A device older than
+/// every supported architecture cannot run the kernels.
+pub fn select_target(capability: (i32, i32), supported: &[i32]) -> Result<Target> {
+    let cc = capability.0 * 10 + capability.1;
+    if supported.contains(&cc) {
+        return Ok(Target::Cubin(format!("sm_{cc}")));
+    }
+    match supported.iter().copied().filter(|&a| a <= cc).max() {
+        Some(newest) => Ok(Target::Ptx(format!("compute_{newest}"))),
+        None => Err(VidError::CudaUnavailable(format!(
+            "this GPU (compute capability {}.{}) is older than every architecture this NVRTC \
+             supports ({supported:?})",
+            capability.0, capability.1
+        ))),
+    }
+}
+
+/// The architectures this NVRTC compiles for, as numbers (75, 80, ...).
+pub fn supported_archs() -> Result<Vec<i32>> {
+    probe::ensure_nvrtc()?;
+    let mut count = 0;
+    // SAFETY: plain out-parameter; then a buffer of `count` ints.
+    let status = unsafe { sys::nvrtcGetNumSupportedArchs(&mut count) };
+    if status != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(VidError::CudaUnavailable(format!(
+            "nvrtcGetNumSupportedArchs failed: {status:?}"
+        )));
+    }
+    let mut archs = vec![0i32; count.max(0) as usize];
+    let status = unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) };
+    if status != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(VidError::CudaUnavailable(format!(
+            "nvrtcGetSupportedArchs failed: {status:?}"
+        )));
+    }
+    Ok(archs)
+}
+
+/// Compiles one part of the kernels for a target: a CUBIN, or PTX text (NUL-terminated)
+/// for [`Target::Ptx`].
+pub fn compile_part(target: &Target, part: KernelPart) -> Result<CompiledKernels> {
+    let mut options = compile_options(target.arch());
+    options.extend(part.define().split(' ').map(String::from));
+    compile_with(
+        PROGRAM_NAME,
+        &kernel_source(),
+        target.arch(),
+        &options,
+        matches!(target, Target::Ptx(_)),
+    )
+}
+
+/// A compiled image and what the compiler said.
 #[derive(Debug, Clone)]
 pub struct CompiledKernels {
-    /// The target, e.g. `sm_90`.
+    /// The target, e.g. `sm_90` (or `compute_90` for PTX).
     pub arch: String,
-    /// The CUBIN image, loadable with `cuModuleLoadData`.
+    /// The image, loadable with `cuModuleLoadData`: a CUBIN, or NUL-terminated PTX.
     pub cubin: Vec<u8>,
     /// NVRTC's program log, including ptxas' per-kernel resource report.
     pub log: String,
@@ -67,6 +175,17 @@ pub fn compile(arch: &str) -> Result<CompiledKernels> {
 
 /// Compiles any self-contained CUDA source with the crate's options (for experiments).
 pub fn compile_source(program_name: &str, source: &str, arch: &str) -> Result<CompiledKernels> {
+    compile_with(program_name, source, arch, &compile_options(arch), false)
+}
+
+/// Compiles `source` with `options`; the image is PTX when `ptx`, else a CUBIN.
+fn compile_with(
+    program_name: &str,
+    source: &str,
+    arch: &str,
+    options: &[String],
+    ptx: bool,
+) -> Result<CompiledKernels> {
     probe::ensure_nvrtc()?;
     let fail = |message: String, log: String| VidError::Compile {
         source_name: program_name.into(),
@@ -80,15 +199,14 @@ pub fn compile_source(program_name: &str, source: &str, arch: &str) -> Result<Co
         .map_err(|_| fail("name contains a NUL byte".into(), String::new()))?;
     let program = nvrtc::create_program(&source, Some(&name))
         .map_err(|e| fail(format!("{e:?}"), String::new()))?;
-    let options = compile_options(arch);
     // SAFETY: `program` is valid until destroyed below.
-    let compiled = unsafe { nvrtc::compile_program(program, &options) };
+    let compiled = unsafe { nvrtc::compile_program(program, options) };
     let log = unsafe { nvrtc::get_program_log(program) }
         .map(|raw| c_chars_to_string(&raw))
         .unwrap_or_default();
     let result = match compiled {
         Err(e) => Err(fail(format!("{e:?}"), log)),
-        Ok(()) => cubin(program)
+        Ok(()) => image(program, ptx)
             .map(|cubin| CompiledKernels {
                 arch: arch.into(),
                 cubin,
@@ -99,6 +217,22 @@ pub fn compile_source(program_name: &str, source: &str, arch: &str) -> Result<Co
     // SAFETY: destroyed once.
     let _ = unsafe { nvrtc::destroy_program(program) };
     result
+}
+
+/// The program's PTX (NUL-terminated, as cuModuleLoadData wants it) or CUBIN.
+fn image(program: sys::nvrtcProgram, ptx: bool) -> std::result::Result<Vec<u8>, String> {
+    if ptx {
+        // SAFETY: a compiled program.
+        let text = unsafe { nvrtc::get_ptx(program) }.map_err(|e| format!("nvrtcGetPTX: {e:?}"))?;
+        let mut bytes: Vec<u8> = text
+            .iter()
+            .map(|&c| c as u8)
+            .take_while(|&b| b != 0)
+            .collect();
+        bytes.push(0);
+        return Ok(bytes);
+    }
+    cubin(program)
 }
 
 fn cubin(program: sys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {
