@@ -2,10 +2,13 @@
 //! with a SIMT emulation (emu/), driven by the crate's own launch plan through
 //! `f_vid_loss_with_launcher`, so grids, argument structs and workspaces are checked too.
 //! Values and gradients are compared with the f64 reference. `cargo test emu` selects these.
+//! The emulation is adversarial (see emu/src/lib.rs): blocks and threads run in a seeded
+//! random order and shared-memory races, unwritten reads and bad warp masks are errors.
 
 mod common;
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -13,10 +16,23 @@ use tch::{Kind, Tensor};
 use vidfuse::cuda::{KernelLauncher, LaunchConfig};
 use vidfuse::{f_vid_loss_with_launcher, Reduction, VidError, VidOptions};
 
-/// Runs launches on the host emulation and records the kernels' names.
-#[derive(Default)]
+/// Runs launches on the host emulation and records the kernels' names. Launch i runs with
+/// seed `base + i`, the base from `VIDFUSE_EMU_SEED`, so that every launch draws its own
+/// block order and interleaving and a failing test replays with the base its error names.
 struct EmuLauncher {
     launched: Mutex<Vec<String>>,
+    base_seed: u64,
+    launches: AtomicU64,
+}
+
+impl Default for EmuLauncher {
+    fn default() -> Self {
+        Self {
+            launched: Mutex::default(),
+            base_seed: vidfuse_emu::seed().unwrap_or_else(|e| panic!("{e}")),
+            launches: AtomicU64::new(0),
+        }
+    }
 }
 
 impl KernelLauncher for EmuLauncher {
@@ -27,16 +43,22 @@ impl KernelLauncher for EmuLauncher {
         params: &mut [*mut c_void],
     ) -> Result<(), VidError> {
         self.launched.lock().unwrap().push(kernel.to_string());
-        vidfuse_emu::launch(
+        let n = self.launches.fetch_add(1, Ordering::Relaxed);
+        vidfuse_emu::launch_seeded(
             kernel,
             config.grid,
             config.block,
             config.shared_mem_bytes,
             params,
+            self.base_seed.wrapping_add(n),
         )
         .map_err(|message| VidError::Launch {
             kernel: kernel.into(),
-            message,
+            message: format!(
+                "{message}; launch {n} of this test: rerun it with {}={:#x}",
+                vidfuse_emu::SEED_VAR,
+                self.base_seed
+            ),
         })
     }
 
