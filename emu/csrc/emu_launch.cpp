@@ -5,7 +5,7 @@
 // the launch's seed, so that a failure replays exactly:
 // * Blocks run one at a time in a seeded random order (never in index order when there are
 //   several), so a block that depends on a lower-numbered one gets a wrong answer.
-// * Each CUDA thread is a ucontext fiber with its own stack. The running fiber keeps going
+// * Each CUDA thread is a fiber with its own stack. The running fiber keeps going
 //   until it parks at a barrier or warp op, exits, or a seeded coin preempts it at a
 //   shared-memory access or an atomic; the next fiber is drawn at random from the ready
 //   ones. Warps, and the lanes of a warp, thus interleave differently for every seed, not
@@ -21,6 +21,11 @@
 //   nothing). A write and another thread's access to the same bytes in one epoch that no
 //   __syncwarp orders are a race, reported with both source lines, whichever order the
 //   fibers happened to run in.
+// Fibers switch with _longjmp between stacks, which glibc's fortified longjmp would take
+// for stack corruption.
+#undef _FORTIFY_SOURCE
+
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -187,8 +192,13 @@ struct KernelFault : std::runtime_error {
 
 enum class Wait : unsigned char { Ready, Block, Warp, Exited };
 
+// A fiber starts once per block from `start` (makecontext/setcontext) and afterwards
+// switches with _setjmp/_longjmp, which, unlike swapcontext, make no signal-mask system
+// call: switches are the emulation's hot path.
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t start;
+  jmp_buf jump;
+  bool started;
   uint3 idx;
   Wait wait;
   unsigned slot;  // position in the ready list while Ready
@@ -281,17 +291,18 @@ class Engine {
       Fiber &f = fibers_[i];
       f.idx = uint3{i % dim.x, i / dim.x % dim.y, i / (dim.x * dim.y)};
       f.clock.fill(0);
-      if (getcontext(&f.ctx) != 0) throw std::runtime_error("getcontext failed");
-      f.ctx.uc_stack.ss_sp = stacks_[i].bottom();
-      f.ctx.uc_stack.ss_size = kStackBytes;
-      f.ctx.uc_link = nullptr;
-      makecontext(&f.ctx, &Engine::fiber_main, 0);
+      f.started = false;
+      if (getcontext(&f.start) != 0) throw std::runtime_error("getcontext failed");
+      f.start.uc_stack.ss_sp = stacks_[i].bottom();
+      f.start.uc_stack.ss_size = kStackBytes;
+      f.start.uc_link = nullptr;
+      makecontext(&f.start, &Engine::fiber_main, 0);
       make_ready(f);
     }
     live_ = n;
     for (;;) {
       if (!ready_.empty()) {
-        resume(draw(nullptr), &scheduler_);
+        resume(draw(nullptr), scheduler_);
       } else if (live_ == 0) {
         break;
       } else if (!resolve_warps() && fault_.empty() && !resolve_block_barrier()) {
@@ -342,7 +353,7 @@ class Engine {
   void preempt() {
     if (running_ == nullptr || ready_.size() < 2 || rng_.below(preempt_one_in_) != 0) return;
     Fiber &self = *running_;
-    resume(draw(&self), &self.ctx);
+    resume(draw(&self), self.jump);
   }
 
   SharedView static_region(const void *key, std::size_t elem_bytes, std::size_t align,
@@ -448,18 +459,24 @@ class Engine {
     return fibers_[ready_[k]];
   }
 
-  void resume(Fiber &f, ucontext_t *from) {
+  // Saves the caller's context in `from` and runs f; returns when `from` is jumped to.
+  void resume(Fiber &f, jmp_buf from) {
     running_ = &f;
     current.thread_idx = f.idx;
-    swapcontext(from, &f.ctx);
+    if (_setjmp(from) != 0) return;
+    if (!f.started) {
+      f.started = true;
+      setcontext(&f.start);
+    }
+    _longjmp(f.jump, 1);
   }
 
   // Hands over from a fiber that has stopped being ready.
   void yield(Fiber &self) {
     if (!ready_.empty()) {
-      resume(draw(nullptr), &self.ctx);
-    } else {
-      swapcontext(&self.ctx, &scheduler_);
+      resume(draw(nullptr), self.jump);
+    } else if (_setjmp(self.jump) == 0) {
+      _longjmp(scheduler_, 1);
     }
   }
 
@@ -623,7 +640,7 @@ class Engine {
   std::vector<Fiber> fibers_;
   std::vector<Stack> stacks_;  // reused by every block and launch of this OS thread
   std::vector<unsigned> ready_;  // indices of the ready fibers, the running one included
-  ucontext_t scheduler_{};
+  jmp_buf scheduler_;
   Fiber *running_ = nullptr;
   unsigned live_ = 0;
   KernelFn fn_ = nullptr;
@@ -656,7 +673,7 @@ void Engine::fiber_main() {
   if (engine.fault_.empty()) {
     engine.yield(self);
   } else {
-    swapcontext(&self.ctx, &engine.scheduler_);
+    _longjmp(engine.scheduler_, 1);
   }
   // Never resumed: the scheduler does not pick exited fibers.
 }
