@@ -176,7 +176,8 @@ class BlockOrder {
     if (a_ == 1 && b_ == 0) b_ = 1;
   }
   unsigned long long operator()(unsigned long long i) const {
-    return n_ < 2 ? i : static_cast<unsigned long long>((static_cast<unsigned __int128>(a_) * i + b_) % n_);
+    if (n_ < 2) return i;
+    return static_cast<unsigned long long>((static_cast<unsigned __int128>(a_) * i + b_) % n_);
   }
 
  private:
@@ -337,12 +338,12 @@ class Engine {
   void check_mask(const Fiber &self) const {
     const unsigned lane = this->lane(self);
     if ((self.mask >> lane & 1u) == 0) {
-      fault(who(self) + ": " + describe_wait(self) + " is called by lane " +
+      fault(who(self) + ": " + describe(self, true) + " is called by lane " +
             std::to_string(lane) + ", outside its mask");
     }
     const unsigned lanes = lanes_of_warp(self);
     if (lanes < kWarp && (self.mask >> lanes) != 0) {
-      fault(who(self) + ": " + describe_wait(self) + " names lane " +
+      fault(who(self) + ": " + describe(self, true) + " names lane " +
             std::to_string(lanes + __builtin_ctz(self.mask >> lanes)) +
             ", which does not exist (the block has " + std::to_string(fibers_.size()) +
             " threads)");
@@ -397,8 +398,9 @@ class Engine {
                 ", which no thread of the block has written (shared memory starts as "
                 "garbage)");
         }
-        const auto same = std::find_if(cell.readers.begin(), cell.readers.end(),
-                                       [&](const Access &r) { return r.thread == me.thread; });
+        const auto same =
+            std::find_if(cell.readers.begin(), cell.readers.end(),
+                         [&](const Access &other) { return other.thread == me.thread; });
         if (same != cell.readers.end()) {
           *same = me;
         } else {
@@ -543,8 +545,9 @@ class Engine {
     for (Fiber &f : fibers_) {
       if (f.wait != Wait::Warp) continue;
       if (const Fiber *gone = exited_lane(f)) {
-        fault_ = who(f) + ": " + describe_wait(f) + " names lane " + std::to_string(lane(*gone)) +
-                 " (thread " + format_idx(gone->idx) + "), which has exited";
+        fault_ = who(f) + ": " + describe(f, true) + " names lane " +
+                 std::to_string(lane(*gone)) + " (thread " + format_idx(gone->idx) +
+                 "), which has exited";
         return false;
       }
       if (warp_straggler(f) == nullptr) {
@@ -605,15 +608,18 @@ class Engine {
     return true;
   }
 
-  static std::string describe_wait(const Fiber &f) {
+  // "what (file:line)", with the mask of a warp op.
+  static std::string describe(const Fiber &f, bool warp_op) {
     std::string s = std::string(f.what) + " (" + site(f.file, f.line);
-    if (std::strcmp(f.what, "__syncthreads") != 0) {
+    if (warp_op) {
       char mask[16];
       std::snprintf(mask, sizeof mask, "0x%08x", f.mask);
       s += ", mask " + std::string(mask);
     }
     return s + ")";
   }
+
+  static std::string describe_wait(const Fiber &f) { return describe(f, f.wait == Wait::Warp); }
 
   std::string deadlock_message() const {
     const Fiber *stuck = nullptr;

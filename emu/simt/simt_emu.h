@@ -259,7 +259,9 @@ class SharedArray {
     static_assert(std::is_integral_v<I>, "a shared-memory index is an integer");
     bool outside = static_cast<unsigned long long>(index) >= view_.count;
     if constexpr (std::is_signed_v<I>) outside = outside || index < 0;
-    if (outside) shared_out_of_bounds(name_, static_cast<long long>(index), view_.count, file, line);
+    if (outside) {
+      shared_out_of_bounds(name_, static_cast<long long>(index), view_.count, file, line);
+    }
     const auto i = static_cast<std::size_t>(index);
     return SharedRef<T>(reinterpret_cast<T *>(view_.data) + i,
                         SharedAccess{view_.region, name_, i, sizeof(T), file, line});

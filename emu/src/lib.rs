@@ -56,7 +56,7 @@ extern "C" {
 }
 
 /// The seed of a launch when `VIDFUSE_EMU_SEED` is not set.
-pub const DEFAULT_SEED: u64 = 0x5eed_0f_0f1d;
+pub const DEFAULT_SEED: u64 = 0x5eed_0f1d;
 
 /// The environment variable that sets [`launch`]'s seed (decimal, or hex with `0x`).
 pub const SEED_VAR: &str = "VIDFUSE_EMU_SEED";
@@ -67,9 +67,10 @@ pub const SEED_VAR: &str = "VIDFUSE_EMU_SEED";
 ///
 /// The variable is set but is not a decimal or `0x`-prefixed hexadecimal `u64`.
 pub fn seed() -> Result<u64, String> {
-    let Ok(text) = std::env::var(SEED_VAR) else {
-        return Ok(DEFAULT_SEED);
-    };
+    std::env::var(SEED_VAR).map_or(Ok(DEFAULT_SEED), |text| parse_seed(&text))
+}
+
+fn parse_seed(text: &str) -> Result<u64, String> {
     let text = text.trim();
     match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16),
@@ -170,5 +171,19 @@ pub fn kernel_names() -> Vec<String> {
                     .into_owned()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_seed;
+
+    #[test]
+    fn seeds_parse_as_decimal_or_hex() {
+        assert_eq!(parse_seed("42"), Ok(42));
+        assert_eq!(parse_seed(" 0x5eed0f1d "), Ok(0x5eed_0f1d));
+        assert_eq!(parse_seed("0XFF"), Ok(255));
+        assert!(parse_seed("seed").unwrap_err().contains("VIDFUSE_EMU_SEED"));
+        assert!(parse_seed("-1").is_err());
     }
 }

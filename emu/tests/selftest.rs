@@ -614,8 +614,8 @@ fn emu_missing_barrier_is_a_race_naming_both_lines() {
                 && err.ends_with(&format!("(emulation seed {seed:#x})")),
             "{err}"
         );
-        write_first |= err.contains(&format!(" wrote slots[")) && err.contains(" reads it at ");
-        read_first |= err.contains(&format!(" read slots[")) && err.contains(" writes it at ");
+        write_first |= err.contains(" wrote slots[") && err.contains(" reads it at ");
+        read_first |= err.contains(" read slots[") && err.contains(" writes it at ");
     }
     assert!(
         write_first && read_first,
@@ -658,7 +658,7 @@ fn emu_read_of_unwritten_shared_memory_is_an_error() {
         .unwrap_err();
     let read = at_line("// unwritten read");
     assert!(
-        err.contains(&format!(" reads slots["))
+        err.contains(" reads slots[")
             && err.contains(&format!(
                 "] at {read}, which no thread of the block has written"
             )),
