@@ -257,9 +257,8 @@ class SharedArray {
   template <class I>
   SharedRef<T> at(I index, const char *file, int line) const {
     static_assert(std::is_integral_v<I>, "a shared-memory index is an integer");
-    bool outside = static_cast<unsigned long long>(index) >= view_.count;
-    if constexpr (std::is_signed_v<I>) outside = outside || index < 0;
-    if (outside) {
+    // A negative index converts to a huge one.
+    if (static_cast<unsigned long long>(index) >= view_.count) {
       shared_out_of_bounds(name_, static_cast<long long>(index), view_.count, file, line);
     }
     const auto i = static_cast<std::size_t>(index);
