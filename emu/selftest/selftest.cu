@@ -247,3 +247,11 @@ extern "C" __global__ void selftest_block_chain(unsigned *chain) {
   if (threadIdx.x == 0) chain[blockIdx.x] = blockIdx.x == 0 ? 1u : chain[blockIdx.x - 1] + 1u;
 }
 VF_REGISTER_KERNEL(selftest_block_chain)
+
+// Each thread appends its index to log[] twice, with no barrier between: the order shows
+// how the emulation interleaved the threads.
+extern "C" __global__ void selftest_interleave(unsigned *counter, unsigned *log) {
+  log[atomicAdd(counter, 1u)] = threadIdx.x;
+  log[atomicAdd(counter, 1u)] = threadIdx.x;
+}
+VF_REGISTER_KERNEL(selftest_interleave)

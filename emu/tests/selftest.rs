@@ -751,6 +751,36 @@ fn emu_block_depending_on_a_lower_block_is_caught() {
     }
 }
 
+/// The order in which the 64 threads of one block reached two atomics, twice each.
+fn interleaving(seed: u64) -> Vec<u32> {
+    let mut counter = 0u32;
+    let mut log = vec![u32::MAX; 128];
+    Args::default()
+        .arg(&mut counter as *mut u32)
+        .arg(log.as_mut_ptr())
+        .launch_seeded("selftest_interleave", [1, 1, 1], [64, 1, 1], 0, seed)
+        .unwrap();
+    log
+}
+
+#[test]
+fn emu_threads_interleave_between_barriers_not_in_lock_step() {
+    let (mut split, mut lanes_reordered) = (false, false);
+    for seed in SEEDS {
+        let log = interleaving(seed);
+        assert_eq!(log, interleaving(seed), "seed {seed} does not replay");
+        // Another thread ran between a thread's two atomics.
+        split |= log.chunks(2).any(|pair| pair[0] != pair[1]);
+        // Some lane of warp 0 went before a lower lane.
+        let warp0: Vec<u32> = log.iter().copied().filter(|&t| t < 32).collect();
+        lanes_reordered |= warp0.windows(2).any(|w| w[1] < w[0]);
+    }
+    assert!(
+        split && lanes_reordered,
+        "split {split}, lanes reordered {lanes_reordered}"
+    );
+}
+
 #[test]
 fn emu_correct_kernels_pass_under_many_seeds() {
     for seed in SEEDS {
