@@ -14,8 +14,8 @@
 // The host emulation turns every VF_SHARED into a checked access (races, unwritten bytes,
 // bounds) and refuses a bare __shared__. VF_SHARED yields a reference: assign to it, use
 // compound assignment, or convert it to the element type (not to `auto`, which in the
-// emulation would defer the read). Accesses through its address (&VF_SHARED(a, i)) are not
-// checked.
+// emulation would defer the read). Accesses through its address (&VF_SHARED(a, i), e.g.
+// for atomics) are neither checked nor recorded.
 #ifndef VF_EMULATION
 #define VF_REGISTER_KERNEL(name)
 #define VF_SHARED_ARRAY(type, name, count) __shared__ type name[count]

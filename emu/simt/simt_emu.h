@@ -224,7 +224,7 @@ class SharedRef {
   const SharedRef &operator=(const SharedRef &other) const {
     return *this = static_cast<T>(other);
   }
-  // The address, e.g. for atomics; accesses through it are not checked.
+  // The address, e.g. for atomics; accesses through it are neither checked nor recorded.
   T *operator&() const { return p_; }
 
 #define VF_EMU_COMPOUND(op)                                                              \
