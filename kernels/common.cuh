@@ -4,9 +4,23 @@
 #ifndef VIDFUSE_COMMON_CUH
 #define VIDFUSE_COMMON_CUH
 
+// Shared memory: declare it inside a kernel or device function with VF_SHARED_ARRAY
+// (static) or VF_DYNAMIC_SHARED (the launch's dynamic buffer), and touch it only through
+// VF_SHARED:
+//     VF_SHARED_ARRAY(float, sums, 32);
+//     VF_SHARED(sums, warp) = v;
+//     v = VF_SHARED(sums, lane);
+// Here these are a plain __shared__ array and plain indexing (the CUBIN does not change).
+// The host emulation turns every VF_SHARED into a checked access (races, unwritten bytes,
+// bounds) and refuses a bare __shared__. VF_SHARED yields a reference: assign to it, use
+// compound assignment, or convert it to the element type (not to `auto`, which in the
+// emulation would defer the read). Accesses through its address (&VF_SHARED(a, i), e.g.
+// for atomics) are neither checked nor recorded.
 #ifndef VF_EMULATION
 #define VF_REGISTER_KERNEL(name)
+#define VF_SHARED_ARRAY(type, name, count) __shared__ type name[count]
 #define VF_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define VF_SHARED(name, index) (name[index])
 #endif
 
 namespace vf {

@@ -278,13 +278,13 @@ __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long lon
     if constexpr (Op::K > 0) {
         // Sum the tile_y rows of partials of each column in a fixed tree order.
         const int width = V * L::KK;
-        __shared__ A shared[kBlock * V * L::KK];
+        VF_SHARED_ARRAY(A, shared, kBlock * V * L::KK);
         if (active) {
 #pragma unroll
             for (int v = 0; v < V; ++v) {
 #pragma unroll
                 for (int k = 0; k < L::KK; ++k) {
-                    shared[tid * width + v * L::KK + k] = state.acc[v][k];
+                    VF_SHARED(shared, tid * width + v * L::KK + k) = state.acc[v][k];
                 }
             }
         }
@@ -296,7 +296,8 @@ __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long lon
         for (; half > 0; half >>= 1) {
             if (active && ty < half && ty + half < tile_y) {
                 for (int i = 0; i < width; ++i) {
-                    shared[tid * width + i] += shared[(tid + half * tile_x) * width + i];
+                    VF_SHARED(shared, tid * width + i) +=
+                        VF_SHARED(shared, (tid + half * tile_x) * width + i);
                 }
             }
             __syncthreads();
@@ -308,7 +309,7 @@ __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long lon
                 const long long col = pack_col * V + v;
                 for (int k = 0; k < Op::K; ++k) {
                     partial[(block_x * cols + col) * Op::K + k] =
-                        shared[tid * width + v * L::KK + k];
+                        VF_SHARED(shared, tid * width + v * L::KK + k);
                 }
             }
         }
@@ -319,18 +320,18 @@ __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long lon
 
 // Sum over the block in a fixed order; the result is valid in thread 0.
 template <typename A> __device__ A block_sum(A v) {
-    __shared__ A warp_sums[32];
+    VF_SHARED_ARRAY(A, warp_sums, 32);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = (blockDim.x + 31) >> 5;
     v = warp_sum(v);
     __syncthreads(); // warp_sums may still be read by a previous call
     if (lane == 0) {
-        warp_sums[warp] = v;
+        VF_SHARED(warp_sums, warp) = v;
     }
     __syncthreads();
     if (warp == 0) {
-        v = lane < warps ? warp_sums[lane] : A(0);
+        v = lane < warps ? VF_SHARED(warp_sums, lane) : A(0);
         v = warp_sum(v);
     }
     return v;
@@ -521,14 +522,15 @@ __device__ void group_channel_sum(const ChannelSumGroupArgs &g) {
     }
     // The last block to finish runs the epilogue: every block's sums are visible to it once
     // each has fenced its writes before counting itself done.
-    __shared__ unsigned int ticket;
+    VF_SHARED_ARRAY(unsigned int, ticket, 1);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        ticket = atomicAdd(g.done, 1u);
+        VF_SHARED(ticket, 0) = atomicAdd(g.done, 1u);
     }
     __syncthreads();
-    if (ticket == gridDim.x - 1) {
+    const unsigned int mine = VF_SHARED(ticket, 0);
+    if (mine == gridDim.x - 1) {
         __threadfence();
         loss_epilogue(g);
         if (threadIdx.x == 0) {

@@ -2,86 +2,19 @@
 //! with a SIMT emulation (emu/), driven by the crate's own launch plan through
 //! `f_vid_loss_with_launcher`, so grids, argument structs and workspaces are checked too.
 //! Values and gradients are compared with the f64 reference. `cargo test emu` selects these.
+//! The emulation is adversarial (see emu/src/lib.rs): blocks and threads run in a seeded
+//! random order and shared-memory races, unwritten reads and bad warp masks are errors.
 
 mod common;
 
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use common::emu_launcher::{emulated, EmuLauncher};
 use common::*;
 use tch::{Kind, Tensor};
 use vidfuse::cuda::{KernelLauncher, LaunchConfig};
 use vidfuse::{f_vid_loss_with_launcher, Reduction, VidError, VidOptions};
-
-/// Runs launches on the host emulation and records the kernels' names.
-#[derive(Default)]
-struct EmuLauncher {
-    launched: Mutex<Vec<String>>,
-}
-
-impl KernelLauncher for EmuLauncher {
-    fn launch(
-        &self,
-        kernel: &str,
-        config: LaunchConfig,
-        params: &mut [*mut c_void],
-    ) -> Result<(), VidError> {
-        self.launched.lock().unwrap().push(describe(kernel, params));
-        vidfuse_emu::launch(
-            kernel,
-            config.grid,
-            config.block,
-            config.shared_mem_bytes,
-            params,
-        )
-        .map_err(|message| VidError::Launch {
-            kernel: kernel.into(),
-            message,
-        })
-    }
-
-    /// Few multiprocessors: keeps grids small, and makes the plan split rows into many blocks.
-    fn multiprocessors(&self) -> usize {
-        2
-    }
-}
-
-impl EmuLauncher {
-    fn take_launched(&self) -> Vec<String> {
-        std::mem::take(&mut self.launched.lock().unwrap())
-    }
-}
-
-/// The kernel's name, with the traversal of each segment for traversal launches:
-/// `vid_sumsq_group_f32[warp,tile]`. Reads `vf::TraverseGroupArgs`: `count` (8 bytes), `done`
-/// (8), then segments of 168 bytes whose `tile` flag follows the 144-byte `TraverseArgs`.
-fn describe(kernel: &str, params: &[*mut c_void]) -> String {
-    if !kernel.contains("_group_") {
-        return kernel.to_string();
-    }
-    // SAFETY: params[0] points at the launch's TraverseGroupArgs, alive for the call.
-    let base = params[0] as *const u8;
-    let count = unsafe { (base as *const i64).read_unaligned() } as usize;
-    let kinds: Vec<&str> = (0..count)
-        .map(|i| {
-            let tile = unsafe { (base.add(16 + i * 168 + 144) as *const i64).read_unaligned() };
-            if tile != 0 {
-                "tile"
-            } else {
-                "warp"
-            }
-        })
-        .collect();
-    format!("{kernel}[{}]", kinds.join(","))
-}
-
-/// The op through a given emulated launcher.
-fn emulated(
-    launcher: &Arc<EmuLauncher>,
-) -> impl Fn(&Tensor, &Tensor, &Tensor, &VidOptions) -> Result<Tensor, VidError> {
-    let launcher = launcher.clone();
-    move |m, t, a, o| f_vid_loss_with_launcher(launcher.clone(), m, t, a, o)
-}
 
 const KINDS: [Kind; 4] = [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16];
 

@@ -1,9 +1,6 @@
 // Self-test kernels of the SIMT emulator (driven by tests/selftest.rs). Plain CUDA C++
-// that NVRTC compiles as-is; it defines locally what kernels/common.cuh would provide.
-#ifndef VF_EMULATION
-#define VF_REGISTER_KERNEL(name)
-#define VF_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
-#endif
+// that NVRTC compiles as-is, with the kernels' own helpers.
+#include "../../kernels/common.cuh"
 
 static_assert(sizeof(float2) == 8 && alignof(float2) == 8, "float2 layout");
 static_assert(sizeof(float4) == 16 && alignof(float4) == 16, "float4 layout");
@@ -11,12 +8,13 @@ static_assert(alignof(double2) == 16 && alignof(longlong2) == 16, "16-byte vecto
 static_assert(alignof(int2) == 8 && alignof(uint2) == 8 && alignof(ushort4) == 8, "8-byte vectors");
 static_assert(alignof(int4) == 16 && alignof(uint4) == 16 && alignof(ushort2) == 4, "vectors");
 
-// Sum of v over the first `lanes` lanes of the warp, in lane 0. A shuffle from a lane that
-// does not exist (partial last warp) is undefined, hence the guard.
+// Sum of v over the first `lanes` lanes of the warp, in lane 0. The mask names exactly
+// those lanes; a shuffle from a lane outside it is undefined, hence the guard.
 __device__ __forceinline__ float selftest_warp_sum(float v, unsigned lanes) {
   const unsigned lane = threadIdx.x % warpSize;
+  const unsigned mask = lanes == 32u ? 0xffffffffu : (1u << lanes) - 1u;
   for (unsigned offset = 16; offset > 0; offset /= 2) {
-    const float other = __shfl_down_sync(0xffffffffu, v, offset);
+    const float other = __shfl_down_sync(mask, v, offset);
     if (lane + offset < lanes) v += other;
   }
   return v;
@@ -34,16 +32,16 @@ VF_REGISTER_KERNEL(selftest_copy)
 // then the final pass by warp 0 alone while the other warps have exited.
 extern "C" __global__ void __launch_bounds__(1024)
     selftest_block_sum(const float *__restrict__ x, float *__restrict__ out, unsigned n) {
-  __shared__ float warp_sums[32];
+  VF_SHARED_ARRAY(float, warp_sums, 32);
   const unsigned tid = threadIdx.x, lane = tid % 32u, warp = tid / 32u;
   const float *row = x + (size_t)blockIdx.x * n;
   float v = 0.0f;
   for (unsigned i = tid; i < n; i += blockDim.x) v += row[i];
   v = selftest_warp_sum(v, min(32u, blockDim.x - warp * 32u));
-  if (lane == 0) warp_sums[warp] = v;
+  if (lane == 0) VF_SHARED(warp_sums, warp) = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < (blockDim.x + 31u) / 32u ? warp_sums[lane] : 0.0f;
+    v = lane < (blockDim.x + 31u) / 32u ? VF_SHARED(warp_sums, lane) : 0.0f;
     v = selftest_warp_sum(v, min(32u, blockDim.x));
     if (lane == 0) out[blockIdx.x] = v;
   }
@@ -88,22 +86,24 @@ extern "C" __global__ void selftest_shfl_modes(const unsigned *in, unsigned *out
 }
 VF_REGISTER_KERNEL(selftest_shfl_modes)
 
-// out[t] = the value 8 lanes down. Launched with 40 threads: the second warp's 8 lanes
-// read lanes that do not exist.
-extern "C" __global__ void selftest_shfl_missing_lane(const float *in, float *out) {
-  out[threadIdx.x] = __shfl_down_sync(0xffffffffu, in[threadIdx.x], 8);
+// out[t] = the value 8 lanes down. Launched with 40 threads: the second warp has 8 lanes,
+// which shuffle with `last_mask` and read lanes outside it.
+extern "C" __global__ void selftest_shfl_missing_lane(const float *in, float *out,
+                                                      unsigned last_mask) {
+  const unsigned mask = threadIdx.x < 32u ? 0xffffffffu : last_mask;
+  out[threadIdx.x] = __shfl_down_sync(mask, in[threadIdx.x], 8);
 }
 VF_REGISTER_KERNEL(selftest_shfl_missing_lane)
 
 // Reverses each block's slice through dynamic shared memory; probe[] records what the
-// shared memory held before this block wrote it.
+// shared memory held before this block wrote it (read through the address: unchecked).
 extern "C" __global__ void selftest_smem_reverse(const float *in, float *out, unsigned *probe) {
   VF_DYNAMIC_SHARED(float, buf);
   const unsigned t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
-  probe[i] = __float_as_uint(buf[t]);
-  buf[t] = in[i];
+  probe[i] = *reinterpret_cast<const unsigned *>(&VF_SHARED(buf, t));
+  VF_SHARED(buf, t) = in[i];
   __syncthreads();
-  out[i] = buf[blockDim.x - 1u - t];
+  out[i] = VF_SHARED(buf, blockDim.x - 1u - t);
 }
 VF_REGISTER_KERNEL(selftest_smem_reverse)
 
@@ -185,3 +185,73 @@ extern "C" __global__ void selftest_intrinsics(const float *x, const double *d, 
   for (unsigned k = 0; k < sizeof(s) / sizeof(s[0]); ++k) bits[k] = s[k];
 }
 VF_REGISTER_KERNEL(selftest_intrinsics)
+
+// ---- what the emulation must catch ------------------------------------------------------
+
+// Each thread writes its slot, then reads its neighbour's: a race unless `barrier`.
+extern "C" __global__ void selftest_neighbour(int barrier, float *out) {
+  VF_SHARED_ARRAY(float, slots, 64);
+  const unsigned t = threadIdx.x;
+  VF_SHARED(slots, t) = 0.0f;
+  __syncthreads();
+  VF_SHARED(slots, t) = (float)t;  // neighbour write
+  if (barrier) __syncthreads();
+  out[blockIdx.x * blockDim.x + t] = VF_SHARED(slots, (t + 1u) % blockDim.x);  // neighbour read
+}
+VF_REGISTER_KERNEL(selftest_neighbour)
+
+// Lanes exchange slots after a __syncwarp, which orders a warp but not two warps: with
+// partner_xor = 1 the partner is in the same warp, with 32 in the other one (a race).
+extern "C" __global__ void selftest_warp_exchange(unsigned partner_xor, float *out) {
+  VF_SHARED_ARRAY(float, slots, 64);
+  const unsigned t = threadIdx.x;
+  VF_SHARED(slots, t) = (float)t;  // exchange write
+  __syncwarp();
+  out[t] = VF_SHARED(slots, t ^ partner_xor);  // exchange read
+}
+VF_REGISTER_KERNEL(selftest_warp_exchange)
+
+// Reads shared memory that no thread has written.
+extern "C" __global__ void selftest_unwritten(float *out) {
+  VF_SHARED_ARRAY(float, slots, 64);
+  out[threadIdx.x] = VF_SHARED(slots, threadIdx.x);  // unwritten read
+}
+VF_REGISTER_KERNEL(selftest_unwritten)
+
+// Thread 0 writes slots[index] of a 64-element array.
+extern "C" __global__ void selftest_shared_index(int index) {
+  VF_SHARED_ARRAY(float, slots, 64);
+  if (threadIdx.x == 0) VF_SHARED(slots, index) = 1.0f;  // indexed write
+}
+VF_REGISTER_KERNEL(selftest_shared_index)
+
+// Lane 31 of each warp leaves, then the others shuffle with a mask that names it.
+extern "C" __global__ void selftest_mask_exited(float *out) {
+  const unsigned t = threadIdx.x;
+  if (t % 32u == 31u) return;
+  out[t] = __shfl_down_sync(0xffffffffu, (float)t, 1);  // names an exited lane
+}
+VF_REGISTER_KERNEL(selftest_mask_exited)
+
+// Thread 0 of each block appends the block's linear index to order[].
+extern "C" __global__ void selftest_block_order(unsigned *counter, unsigned *order) {
+  if (threadIdx.x == 0) {
+    order[atomicAdd(counter, 1u)] = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  }
+}
+VF_REGISTER_KERNEL(selftest_block_order)
+
+// Wrong on purpose: block b > 0 relies on block b - 1 having run, so in index order chain
+// ends as 1, 2, 3, ... (from zeros).
+extern "C" __global__ void selftest_block_chain(unsigned *chain) {
+  if (threadIdx.x == 0) chain[blockIdx.x] = blockIdx.x == 0 ? 1u : chain[blockIdx.x - 1] + 1u;
+}
+VF_REGISTER_KERNEL(selftest_block_chain)
+
+// Each thread appends its index to log[] twice, with no barrier between: the order shows
+// how the emulation interleaved the threads.
+extern "C" __global__ void selftest_interleave(unsigned *counter, unsigned *log) {
+  log[atomicAdd(counter, 1u)] = threadIdx.x;
+  log[atomicAdd(counter, 1u)] = threadIdx.x;
+}
+VF_REGISTER_KERNEL(selftest_interleave)

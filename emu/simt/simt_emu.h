@@ -2,8 +2,9 @@
 //
 // build.rs includes this header, then every kernels/*.cu file unchanged (the same bytes
 // NVRTC compiles), into one C++17 translation unit. The threads of a block run as
-// cooperative fibers on the launching OS thread and switch only inside barriers and warp
-// primitives; blocks run one after another. The scheduler lives in csrc/emu_launch.cpp.
+// cooperative fibers on the launching OS thread, interleaved in a seeded random order;
+// blocks run one after another, also in a seeded random order. The scheduler and the
+// shared-memory checker live in csrc/emu_launch.cpp.
 #ifndef VF_SIMT_EMU_H
 #define VF_SIMT_EMU_H
 
@@ -30,10 +31,10 @@
 #define __restrict__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// Static shared memory: every fiber of a block runs on the launching OS thread, so one
-// copy per OS thread is one copy per block (blocks of a launch run in turn). At block
-// scope thread_local implies static.
-#define __shared__ thread_local
+// Shared memory is declared with VF_SHARED_ARRAY or VF_DYNAMIC_SHARED and accessed with
+// VF_SHARED (below), so that the engine sees every access. A plain __shared__ declaration
+// would escape the checks, so it does not compile here.
+#define __shared__ vf_emu_declare_shared_memory_with_VF_SHARED_ARRAY
 
 // ---------------------------------------------------------------------------------------
 // Vector types, with CUDA's sizes and alignments.
@@ -92,7 +93,6 @@ struct Current {
   uint3 block_idx{0, 0, 0};
   dim3 block_dim;
   dim3 grid_dim;
-  void *dynamic_smem = nullptr;
 };
 inline thread_local Current current;
 
@@ -166,10 +166,125 @@ inline T shuffle(WarpOp op, unsigned mask, T var, int arg, int width, const char
       ::vf_emu::detail::register_kernel(#name, &::vf_emu::detail::trampoline<&name>,     \
                                         ::vf_emu::detail::param_count(&name));
 
-// Must be used inside the kernel body. The scheduler poisons the buffer with 0xFF bytes
-// before each block.
+// ---------------------------------------------------------------------------------------
+// Shared memory (the NVRTC versions of these macros are in kernels/common.cuh).
+//
+// An array is a region of the engine's, created at its first use on an OS thread and
+// filled with 0xFF bytes at its first use in each block. VF_SHARED yields a reference
+// whose reads and writes the engine checks (bounds, reads of bytes the block has not
+// written, races) and where it may switch to another fiber.
+namespace vf_emu {
+namespace detail {
+
+struct SharedRegion;  // storage and race-detector state of one array (emu_launch.cpp)
+
+struct SharedView {
+  SharedRegion *region;
+  unsigned char *data;
+  std::size_t count;  // elements
+};
+
+// `key` names the declaration (one per template instantiation).
+SharedView static_shared(const void *key, std::size_t elem_bytes, std::size_t align,
+                         std::size_t count);
+SharedView dynamic_shared(std::size_t elem_bytes, std::size_t align);
+
+struct SharedAccess {
+  SharedRegion *region;
+  const char *name;   // the array, as declared
+  std::size_t index;  // element
+  std::size_t bytes;  // element size
+  const char *file;
+  int line;
+};
+
+// Checks and records one read or write; may switch fibers first.
+void shared_access(const SharedAccess &access, bool write);
+[[noreturn]] void shared_out_of_bounds(const char *name, long long index, std::size_t count,
+                                       const char *file, int line);
+// A point where the running fiber may be preempted (atomics).
+void preempt_point();
+
+// What VF_SHARED returns: reads and writes go through the engine. Binding it to `auto`
+// defers the read to each later use, unlike CUDA: convert it to the element type instead.
+template <class T>
+class SharedRef {
+ public:
+  SharedRef(T *p, const SharedAccess &access) : p_(p), access_(access) {}
+
+  operator T() const {
+    shared_access(access_, false);
+    return *p_;
+  }
+  const SharedRef &operator=(const T &v) const {
+    shared_access(access_, true);
+    *p_ = v;
+    return *this;
+  }
+  const SharedRef &operator=(const SharedRef &other) const {
+    return *this = static_cast<T>(other);
+  }
+  // The address, e.g. for atomics; accesses through it are neither checked nor recorded.
+  T *operator&() const { return p_; }
+
+#define VF_EMU_COMPOUND(op)                                                              \
+  template <class U>                                                                     \
+  const SharedRef &operator op##=(const U &v) const {                                    \
+    return *this = static_cast<T>(static_cast<T>(*this) op v);                           \
+  }
+  VF_EMU_COMPOUND(+)
+  VF_EMU_COMPOUND(-)
+  VF_EMU_COMPOUND(*)
+  VF_EMU_COMPOUND(/)
+  VF_EMU_COMPOUND(%)
+  VF_EMU_COMPOUND(&)
+  VF_EMU_COMPOUND(|)
+  VF_EMU_COMPOUND(^)
+  VF_EMU_COMPOUND(<<)
+  VF_EMU_COMPOUND(>>)
+#undef VF_EMU_COMPOUND
+
+ private:
+  T *p_;
+  SharedAccess access_;
+};
+
+template <class T>
+class SharedArray {
+ public:
+  SharedArray(const SharedView &view, const char *name) : view_(view), name_(name) {}
+
+  template <class I>
+  SharedRef<T> at(I index, const char *file, int line) const {
+    static_assert(std::is_integral_v<I>, "a shared-memory index is an integer");
+    // A negative index converts to a huge one.
+    if (static_cast<unsigned long long>(index) >= view_.count) {
+      shared_out_of_bounds(name_, static_cast<long long>(index), view_.count, file, line);
+    }
+    const auto i = static_cast<std::size_t>(index);
+    return SharedRef<T>(reinterpret_cast<T *>(view_.data) + i,
+                        SharedAccess{view_.region, name_, i, sizeof(T), file, line});
+  }
+
+ private:
+  SharedView view_;
+  const char *name_;
+};
+
+}  // namespace detail
+}  // namespace vf_emu
+
+// The static local's address identifies the declaration and template instantiation.
+#define VF_SHARED_ARRAY(type, name, count)                                               \
+  static char vf_emu_key_##name;                                                         \
+  const ::vf_emu::detail::SharedArray<type> name(                                        \
+      ::vf_emu::detail::static_shared(&vf_emu_key_##name, sizeof(type), alignof(type),   \
+                                      (count)),                                          \
+      #name)
 #define VF_DYNAMIC_SHARED(type, name)                                                    \
-  type *const name = static_cast<type *>(::vf_emu::detail::current.dynamic_smem)
+  const ::vf_emu::detail::SharedArray<type> name(                                        \
+      ::vf_emu::detail::dynamic_shared(sizeof(type), alignof(type)), #name)
+#define VF_SHARED(name, index) (name).at((index), __FILE__, __LINE__)
 
 // ---------------------------------------------------------------------------------------
 // Synchronisation. The defaulted site arguments name the barrier in deadlock reports.
@@ -228,8 +343,8 @@ inline int __any_sync(unsigned mask, int pred, VF_EMU_SITE) {
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_signal_fence(std::memory_order_seq_cst); }
 
-// Atomics: fibers never switch inside these and blocks run in turn, so a plain
-// read-modify-write is already atomic with respect to every other emulated thread.
+// Atomics: fibers never switch inside these (only just before) and blocks run in turn, so
+// a plain read-modify-write is already atomic with respect to every other emulated thread.
 namespace vf_emu {
 namespace detail {
 template <class T>
@@ -241,6 +356,7 @@ struct same {
 #define VF_EMU_ATOMIC(name, update)                                                      \
   template <class T>                                                                     \
   inline T name(T *p, typename ::vf_emu::detail::same<T>::type v) {                      \
+    ::vf_emu::detail::preempt_point();                                                   \
     const T old = *p;                                                                    \
     *p = (update);                                                                       \
     return old;                                                                          \
@@ -257,6 +373,7 @@ VF_EMU_ATOMIC(atomicAnd, old & v)
 template <class T>
 inline T atomicCAS(T *p, typename ::vf_emu::detail::same<T>::type compare,
                    typename ::vf_emu::detail::same<T>::type v) {
+  ::vf_emu::detail::preempt_point();
   const T old = *p;
   if (old == compare) *p = v;
   return old;

@@ -2,7 +2,7 @@
 //! plain Rust on random data.
 use std::ffi::c_void;
 
-use vidfuse_emu::{kernel_names, launch};
+use vidfuse_emu::{kernel_names, launch, launch_seeded, DEFAULT_SEED};
 
 const SELFTEST_CU: &str = include_str!("../selftest/selftest.cu");
 
@@ -46,20 +46,34 @@ impl Args {
     }
 
     fn launch(
+        self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+    ) -> Result<(), String> {
+        self.launch_seeded(kernel, grid, block, smem, DEFAULT_SEED)
+    }
+
+    fn launch_seeded(
         mut self,
         kernel: &str,
         grid: [u32; 3],
         block: [u32; 3],
         smem: u32,
+        seed: u64,
     ) -> Result<(), String> {
         let mut params: Vec<*mut c_void> = self
             .0
             .iter_mut()
             .map(|slot| (slot as *mut u64).cast())
             .collect();
-        launch(kernel, grid, block, smem, &mut params)
+        launch_seeded(kernel, grid, block, smem, &mut params, seed)
     }
 }
+
+/// Seeds for the tests that sweep the emulation's random choices.
+const SEEDS: std::ops::Range<u64> = 1..65;
 
 fn assert_close(got: f64, want: f64, rel: f64, what: &str) {
     assert!(
@@ -79,13 +93,23 @@ fn selftest_line(needle: &str) -> usize {
 
 /// Per-block sums of `grid` rows of `n` floats with `block` threads, checked against Rust.
 fn check_block_sums(seed: u64, grid: u32, block: u32, n: u32) {
+    check_block_sums_seeded(seed, grid, block, n, DEFAULT_SEED);
+}
+
+fn check_block_sums_seeded(seed: u64, grid: u32, block: u32, n: u32, emu_seed: u64) {
     let x = Rng(seed).vec_f32((grid * n) as usize);
     let mut out = vec![f32::NAN; grid as usize];
     Args::default()
         .arg(x.as_ptr())
         .arg(out.as_mut_ptr())
         .arg(n)
-        .launch("selftest_block_sum", [grid, 1, 1], [block, 1, 1], 0)
+        .launch_seeded(
+            "selftest_block_sum",
+            [grid, 1, 1],
+            [block, 1, 1],
+            0,
+            emu_seed,
+        )
         .unwrap();
     for (b, row) in x.chunks(n as usize).enumerate() {
         let want: f64 = row.iter().map(|&v| f64::from(v)).sum();
@@ -212,23 +236,37 @@ fn emu_shfl_modes_votes_and_masks() {
     }
 }
 
-#[test]
-fn emu_shfl_from_missing_lane_is_poison() {
-    let input = Rng(10).vec_f32(40);
+fn shfl_missing_lane(input: &[f32], last_mask: u32) -> Result<Vec<f32>, String> {
     let mut out = vec![0.0f32; 40];
     Args::default()
         .arg(input.as_ptr())
         .arg(out.as_mut_ptr())
+        .arg(last_mask)
         .launch("selftest_shfl_missing_lane", [1, 1, 1], [40, 1, 1], 0)
-        .unwrap();
+        .map(|()| out)
+}
+
+#[test]
+fn emu_shfl_from_lane_outside_the_mask_is_poison() {
+    let input = Rng(10).vec_f32(40);
+    // The second warp has lanes 0..8 only, and names exactly those.
+    let out = shfl_missing_lane(&input, 0xff).unwrap();
     for t in 0..32 {
         let want = if t + 8 < 32 { input[t + 8] } else { input[t] };
         assert_eq!(out[t], want, "full warp, lane {t}");
     }
-    // The second warp has lanes 0..8 only: lanes 8..16 do not exist.
     for (t, v) in out.iter().enumerate().skip(32) {
         assert_eq!(v.to_bits(), u32::MAX, "partial warp, thread {t}");
     }
+}
+
+#[test]
+fn emu_mask_naming_a_missing_lane_is_an_error() {
+    let err = shfl_missing_lane(&Rng(10).vec_f32(40), u32::MAX).unwrap_err();
+    assert!(
+        err.contains("names lane 8, which does not exist (the block has 40 threads)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -330,7 +368,7 @@ fn check_bad_barrier(mode: i32, expected: &[String]) {
         .launch("selftest_bad_barrier", [2, 1, 1], [64, 1, 1], 0)
         .expect_err("a deadlock must be reported");
     assert!(
-        err.contains("selftest_bad_barrier") && err.contains("block (0,0,0)"),
+        err.contains("selftest_bad_barrier") && err.contains(" block ("),
         "{err}"
     );
     for part in expected {
@@ -377,11 +415,12 @@ fn emu_deadlock_warp_op_against_block_barrier_is_an_error() {
 
 #[test]
 fn emu_lane_outside_its_mask_is_an_error() {
+    let line = selftest_line("v = __shfl_sync(0x1u, v, 0);");
     check_bad_barrier(
         3,
         &[
-            "thread (1,0,0) of block (0,0,0) threw: __shfl_sync called by a lane outside its mask"
-                .into(),
+            format!("__shfl_sync (selftest.cu:{line}, mask 0x00000001) is called by lane "),
+            ", outside its mask".into(),
         ],
     );
 }
@@ -535,5 +574,218 @@ fn emu_concurrent_launches() {
         .collect();
     for worker in workers {
         worker.join().unwrap();
+    }
+}
+
+// ---- what the emulation must catch; correct kernels under many seeds ---------------------
+
+/// Launches a one-argument kernel plus an output of one float per thread.
+fn launch_with_out<A: Copy>(
+    kernel: &str,
+    arg: A,
+    grid: u32,
+    threads: u32,
+    seed: u64,
+) -> Result<Vec<f32>, String> {
+    let mut out = vec![f32::NAN; (grid * threads) as usize];
+    Args::default()
+        .arg(arg)
+        .arg(out.as_mut_ptr())
+        .launch_seeded(kernel, [grid, 1, 1], [threads, 1, 1], 0, seed)
+        .map(|()| out)
+}
+
+fn at_line(marker: &str) -> String {
+    format!("selftest.cu:{}", selftest_line(marker))
+}
+
+#[test]
+fn emu_missing_barrier_is_a_race_naming_both_lines() {
+    let (write, read) = (at_line("// neighbour write"), at_line("// neighbour read"));
+    // Which access comes first depends on the interleaving; both orders are races.
+    let (mut write_first, mut read_first) = (false, false);
+    for seed in SEEDS {
+        let err = launch_with_out("selftest_neighbour", 0i32, 2, 64, seed).unwrap_err();
+        assert!(
+            err.contains("shared-memory race in block (")
+                && err.contains(&write)
+                && err.contains(&read)
+                && err.contains("with no barrier between them")
+                && err.ends_with(&format!("(emulation seed {seed:#x})")),
+            "{err}"
+        );
+        write_first |= err.contains(" wrote slots[") && err.contains(" reads it at ");
+        read_first |= err.contains(" read slots[") && err.contains(" writes it at ");
+    }
+    assert!(
+        write_first && read_first,
+        "the seeds never changed the order"
+    );
+}
+
+#[test]
+fn emu_barrier_orders_every_seed() {
+    for seed in SEEDS {
+        let out = launch_with_out("selftest_neighbour", 1i32, 2, 48, seed).unwrap();
+        let want: Vec<f32> = (0..2)
+            .flat_map(|_| (0..48).map(|t| ((t + 1) % 48) as f32))
+            .collect();
+        assert_eq!(out, want, "seed {seed}");
+    }
+}
+
+#[test]
+fn emu_syncwarp_orders_its_warp_only() {
+    for seed in SEEDS {
+        let out = launch_with_out("selftest_warp_exchange", 1u32, 1, 64, seed).unwrap();
+        let want: Vec<f32> = (0..64).map(|t| (t ^ 1) as f32).collect();
+        assert_eq!(out, want, "seed {seed}");
+    }
+    let err = launch_with_out("selftest_warp_exchange", 32u32, 1, 64, DEFAULT_SEED).unwrap_err();
+    let (write, read) = (at_line("// exchange write"), at_line("// exchange read"));
+    assert!(
+        err.contains("shared-memory race") && err.contains(&write) && err.contains(&read),
+        "{err}"
+    );
+}
+
+#[test]
+fn emu_read_of_unwritten_shared_memory_is_an_error() {
+    let mut out = vec![0.0f32; 32];
+    let err = Args::default()
+        .arg(out.as_mut_ptr())
+        .launch("selftest_unwritten", [1, 1, 1], [32, 1, 1], 0)
+        .unwrap_err();
+    let read = at_line("// unwritten read");
+    assert!(
+        err.contains(" reads slots[")
+            && err.contains(&format!(
+                "] at {read}, which no thread of the block has written"
+            )),
+        "{err}"
+    );
+}
+
+#[test]
+fn emu_shared_index_out_of_bounds_is_an_error() {
+    let write = at_line("// indexed write");
+    let index = |i: i32| {
+        Args::default()
+            .arg(i)
+            .launch("selftest_shared_index", [1, 1, 1], [32, 1, 1], 0)
+    };
+    index(63).unwrap();
+    for i in [64, -1] {
+        let err = index(i).unwrap_err();
+        assert!(
+            err.contains(&format!(
+                "thread (0,0,0) of block (0,0,0) indexes slots[{i}] at {write}, outside its 64 elements"
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn emu_mask_naming_an_exited_lane_is_an_error() {
+    let mut out = vec![0.0f32; 64];
+    let err = Args::default()
+        .arg(out.as_mut_ptr())
+        .launch("selftest_mask_exited", [1, 1, 1], [64, 1, 1], 0)
+        .unwrap_err();
+    let line = selftest_line("// names an exited lane");
+    assert!(
+        err.contains(&format!(
+            "__shfl_down_sync (selftest.cu:{line}, mask 0xffffffff) names lane 31 (thread (31,0,0)), which has exited"
+        )),
+        "{err}"
+    );
+}
+
+/// The order in which a launch of `grid` ran its blocks, as linear block indices.
+fn block_order(grid: [u32; 3], seed: u64) -> Vec<u32> {
+    let blocks = grid.iter().product::<u32>() as usize;
+    let mut counter = 0u32;
+    let mut order = vec![u32::MAX; blocks];
+    Args::default()
+        .arg(&mut counter as *mut u32)
+        .arg(order.as_mut_ptr())
+        .launch_seeded("selftest_block_order", grid, [32, 1, 1], 0, seed)
+        .unwrap();
+    assert_eq!(counter as usize, blocks);
+    order
+}
+
+#[test]
+fn emu_blocks_run_in_a_seeded_random_order() {
+    let grid = [5, 3, 2];
+    let identity: Vec<u32> = (0..30).collect();
+    let mut orders = std::collections::HashSet::new();
+    for seed in SEEDS {
+        let order = block_order(grid, seed);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, identity, "seed {seed}: not a permutation");
+        assert_ne!(order, identity, "seed {seed}: index order");
+        assert_eq!(
+            order,
+            block_order(grid, seed),
+            "seed {seed} does not replay"
+        );
+        orders.insert(order);
+    }
+    assert!(orders.len() > SEEDS.count() / 2, "{} orders", orders.len());
+    assert_eq!(block_order([2, 1, 1], 7), [1, 0]);
+}
+
+#[test]
+fn emu_block_depending_on_a_lower_block_is_caught() {
+    let in_order: Vec<u32> = (1..=8).collect();
+    for seed in SEEDS {
+        let mut chain = vec![0u32; 8];
+        Args::default()
+            .arg(chain.as_mut_ptr())
+            .launch_seeded("selftest_block_chain", [8, 1, 1], [32, 1, 1], 0, seed)
+            .unwrap();
+        assert_ne!(chain, in_order, "seed {seed} ran the blocks in index order");
+    }
+}
+
+/// The order in which the 64 threads of one block reached two atomics, twice each.
+fn interleaving(seed: u64) -> Vec<u32> {
+    let mut counter = 0u32;
+    let mut log = vec![u32::MAX; 128];
+    Args::default()
+        .arg(&mut counter as *mut u32)
+        .arg(log.as_mut_ptr())
+        .launch_seeded("selftest_interleave", [1, 1, 1], [64, 1, 1], 0, seed)
+        .unwrap();
+    log
+}
+
+#[test]
+fn emu_threads_interleave_between_barriers_not_in_lock_step() {
+    let (mut split, mut lanes_reordered) = (false, false);
+    for seed in SEEDS {
+        let log = interleaving(seed);
+        assert_eq!(log, interleaving(seed), "seed {seed} does not replay");
+        // Another thread ran between a thread's two atomics.
+        split |= log.chunks(2).any(|pair| pair[0] != pair[1]);
+        // Some lane of warp 0 went before a lower lane.
+        let warp0: Vec<u32> = log.iter().copied().filter(|&t| t < 32).collect();
+        lanes_reordered |= warp0.windows(2).any(|w| w[1] < w[0]);
+    }
+    assert!(
+        split && lanes_reordered,
+        "split {split}, lanes reordered {lanes_reordered}"
+    );
+}
+
+#[test]
+fn emu_correct_kernels_pass_under_many_seeds() {
+    for seed in SEEDS {
+        check_block_sums_seeded(30, 3, 100, 777, seed);
+        check_block_sums_seeded(31, 2, 256, 1000, seed);
+        check_block_sums_seeded(32, 2, 33, 50, seed);
     }
 }

@@ -2,16 +2,30 @@
 //! and records every launch, for tests without a GPU.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tch::Tensor;
 use vidfuse::cuda::{KernelLauncher, LaunchConfig};
 use vidfuse::{VidError, VidOptions, VidTerm};
 
-/// Runs launches on the host emulation and records them (see [`describe`]).
-#[derive(Default)]
+/// Runs launches on the host emulation and records them (see [`describe`]). Launch i runs
+/// with seed `base + i`, the base from `VIDFUSE_EMU_SEED`, so that every launch draws its own
+/// block order and interleaving and a failing test replays with the base its error names.
 pub struct EmuLauncher {
     launched: Mutex<Vec<String>>,
+    base_seed: u64,
+    launches: AtomicU64,
+}
+
+impl Default for EmuLauncher {
+    fn default() -> Self {
+        Self {
+            launched: Mutex::default(),
+            base_seed: vidfuse_emu::seed().unwrap_or_else(|e| panic!("{e}")),
+            launches: AtomicU64::new(0),
+        }
+    }
 }
 
 impl KernelLauncher for EmuLauncher {
@@ -22,16 +36,22 @@ impl KernelLauncher for EmuLauncher {
         params: &mut [*mut c_void],
     ) -> Result<(), VidError> {
         self.launched.lock().unwrap().push(describe(kernel, params));
-        vidfuse_emu::launch(
+        let n = self.launches.fetch_add(1, Ordering::Relaxed);
+        vidfuse_emu::launch_seeded(
             kernel,
             config.grid,
             config.block,
             config.shared_mem_bytes,
             params,
+            self.base_seed.wrapping_add(n),
         )
         .map_err(|message| VidError::Launch {
             kernel: kernel.into(),
-            message,
+            message: format!(
+                "{message}; launch {n} of this test: rerun it with {}={:#x}",
+                vidfuse_emu::SEED_VAR,
+                self.base_seed
+            ),
         })
     }
 
