@@ -521,11 +521,11 @@ __device__ void group_channel_sum(const ChannelSumGroupArgs &g) {
         return;
     }
     // The last block to finish runs the epilogue: every block's sums are visible to it once
-    // each has fenced its writes before counting itself done.
+    // each has fenced its writes before counting itself done. Thread 0 wrote all of this
+    // block's sums (block_sum's result lives there), so its own fence is enough.
     VF_SHARED_ARRAY(unsigned int, ticket, 1);
-    __threadfence();
-    __syncthreads();
     if (threadIdx.x == 0) {
+        __threadfence();
         VF_SHARED(ticket, 0) = atomicAdd(g.done, 1u);
     }
     __syncthreads();
