@@ -97,6 +97,14 @@ __device__ __forceinline__ float bf16_to_float(unsigned short b) {
 }
 
 __device__ __forceinline__ unsigned short float_to_bf16(float f) {
+#if !defined(VF_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // sm_80+ converts in hardware (round to nearest even, as below; NaN becomes the
+    // canonical quiet NaN).
+    unsigned short b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+    return b;
+#endif
+    // Exact software rounding: older parts and the host emulation.
     unsigned int x = __float_as_uint(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) {
         return (unsigned short)((x >> 16) | 0x40u); // quiet nan

@@ -137,3 +137,21 @@ fn sass_fp64_detector_finds_double_precision_code() {
     assert!(!is_fp64("/*0090*/  LDG.E.64 R2, desc[UR4][R4.64] ;"));
     assert!(!is_fp64("/*00a0*/  FFMA R2, R4, R6, R8 ;"));
 }
+
+/// bf16 results are rounded by the hardware's conversion on sm_80 and later (one instruction
+/// instead of the software sequence, which sm_75 keeps).
+#[test]
+fn sass_bf16_stores_use_the_hardware_conversion_from_sm_80() {
+    for (arch, expected) in [("sm_75", false), ("sm_80", true), ("sm_90", true)] {
+        let compiled = nvrtc::compile(arch).unwrap_or_else(|e| panic!("{e}"));
+        let kernels = disassemble(&compiled.cubin, arch);
+        let (_, lines) = kernels
+            .iter()
+            .find(|(name, _)| name == "vid_grad_group_bf16")
+            .expect("vid_grad_group_bf16 in the CUBIN");
+        let hardware = lines
+            .iter()
+            .any(|l| l.contains("F2FP.BF16") || l.contains("F2F.BF16"));
+        assert_eq!(hardware, expected, "{arch}: hardware bf16 conversion");
+    }
+}
