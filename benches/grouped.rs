@@ -3,15 +3,22 @@
 //! * `host`: forward + backward of a tiny `[64, 10]` f32 input, where the call's fixed cost
 //!   (validation, allocations, the autograd node, dispatch) is everything: fused op vs the
 //!   same loss in plain tch ops.
+//!   `cuda_host` is the CUDA path's own host work for the same call (validation, launch
+//!   plan, argument tables, workspace allocation, autograd node) with a launcher that
+//!   launches nothing: the fixed cost the GPU path adds per call, measurable without a GPU.
 //! * `pairs4`: four layer pairs of `[128, 64, 8, 8]` (f32 and bf16), forward + backward:
-//!   one grouped call vs four single calls (summed with their weights) vs plain tch ops.
+//!   one grouped call vs four single calls (summed with their weights) vs plain tch ops;
+//!   `cuda_host_grouped` / `cuda_host_single`: the CUDA path's host work for the same.
 //!
 //! `VIDFUSE_BENCH_QUICK=1` shortens every measurement (a smoke run, not for figures).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use std::ffi::c_void;
+use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
-use vidfuse::{vid_loss, vid_loss_grouped, VidOptions, VidTerm};
+use vidfuse::cuda::{KernelLauncher, LaunchConfig};
+use vidfuse::{vid_loss, vid_loss_grouped, VidError, VidOptions, VidTerm};
 
 fn quick() -> bool {
     std::env::var_os("VIDFUSE_BENCH_QUICK").is_some()
@@ -63,6 +70,35 @@ fn grads_of(loss: Tensor, pairs: &[Pair]) -> Vec<Tensor> {
     Tensor::run_backward(&[loss], &inputs, false, false)
 }
 
+/// Launches nothing: what remains of a CUDA call is its host work.
+struct NullLauncher;
+
+impl KernelLauncher for NullLauncher {
+    fn launch(&self, _: &str, _: LaunchConfig, _: &mut [*mut c_void]) -> Result<(), VidError> {
+        Ok(())
+    }
+
+    fn multiprocessors(&self) -> usize {
+        132
+    }
+}
+
+fn null_launcher() -> Arc<dyn KernelLauncher + Send + Sync> {
+    Arc::new(NullLauncher)
+}
+
+fn terms_of(pairs: &[Pair]) -> Vec<VidTerm<'_>> {
+    pairs
+        .iter()
+        .map(|p| VidTerm {
+            mean: &p.mean,
+            target: &p.target,
+            log_scale: &p.log_scale,
+            weight: p.weight,
+        })
+        .collect()
+}
+
 fn bench_host(c: &mut Criterion) {
     let mut group = c.benchmark_group("host");
     configure(&mut group);
@@ -74,6 +110,20 @@ fn bench_host(c: &mut Criterion) {
     });
     group.bench_function(BenchmarkId::new("plain", "64x10_f32"), |b| {
         b.iter(|| grads_of(plain_loss(&p.mean, &p.target, &p.log_scale), &pairs))
+    });
+    group.bench_function(BenchmarkId::new("cuda_host", "64x10_f32"), |b| {
+        let launcher = null_launcher();
+        b.iter(|| {
+            let loss = vidfuse::f_vid_loss_with_launcher(
+                launcher.clone(),
+                &p.mean,
+                &p.target,
+                &p.log_scale,
+                &opts,
+            )
+            .unwrap();
+            grads_of(loss, &pairs)
+        })
     });
     group.finish();
 }
@@ -89,17 +139,40 @@ fn bench_pairs(c: &mut Criterion) {
             .collect();
         let case = format!("4x128x64x8x8_{name}");
         group.bench_function(BenchmarkId::new("grouped", &case), |b| {
+            b.iter(|| grads_of(vid_loss_grouped(&terms_of(&pairs), &opts), &pairs))
+        });
+        group.bench_function(BenchmarkId::new("cuda_host_grouped", &case), |b| {
+            let launcher = null_launcher();
             b.iter(|| {
-                let terms: Vec<VidTerm<'_>> = pairs
+                let loss = vidfuse::f_vid_loss_grouped_with_launcher(
+                    launcher.clone(),
+                    &terms_of(&pairs),
+                    &opts,
+                )
+                .unwrap();
+                grads_of(loss, &pairs)
+            })
+        });
+        group.bench_function(BenchmarkId::new("cuda_host_single", &case), |b| {
+            let launcher = null_launcher();
+            b.iter(|| {
+                let loss = pairs
                     .iter()
-                    .map(|p| VidTerm {
-                        mean: &p.mean,
-                        target: &p.target,
-                        log_scale: &p.log_scale,
-                        weight: p.weight,
+                    .map(|p| {
+                        vidfuse::f_vid_loss_with_launcher(
+                            launcher.clone(),
+                            &p.mean,
+                            &p.target,
+                            &p.log_scale,
+                            &opts,
+                        )
+                        .unwrap()
+                        .to_kind(Kind::Float)
+                            * p.weight
                     })
-                    .collect();
-                grads_of(vid_loss_grouped(&terms, &opts), &pairs)
+                    .reduce(|a, b| a + b)
+                    .unwrap();
+                grads_of(loss, &pairs)
             })
         });
         group.bench_function(BenchmarkId::new("single", &case), |b| {

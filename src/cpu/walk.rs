@@ -46,6 +46,9 @@ pub(super) struct Walk<'a, E: Element, O> {
     /// `partials_at` (the Vec's heap buffer never moves: it is not touched while units run).
     partials: Vec<f64>,
     partials_at: SharedMut<f64>,
+    /// Channels-last: the parameters laid out like a tile of whole rows (computed once per
+    /// pass, not per unit), so that every loop over a tile is contiguous.
+    tiled: ChannelValues<E::Acc>,
     op: std::marker::PhantomData<O>,
 }
 
@@ -61,7 +64,27 @@ impl<'a, E: Element, O: Op<E::Acc>> Walk<'a, E, O> {
     ) -> Self {
         let mut partials = vec![0.0f64; plan.slots() * O::SUMS];
         let partials_at = SharedMut::new(&mut partials);
+        let tiled = match plan.geometry.layout {
+            Layout::ChannelsLast => {
+                let channels = plan.geometry.channels;
+                let tile = if channels <= CHUNK {
+                    CHUNK / channels * channels
+                } else {
+                    channels
+                };
+                let repeat = |v: &[E::Acc]| v.iter().copied().cycle().take(tile).collect();
+                ChannelValues {
+                    first: repeat(&params.first),
+                    second: repeat(&params.second),
+                }
+            }
+            Layout::ChannelsFirst => ChannelValues {
+                first: Vec::new(),
+                second: Vec::new(),
+            },
+        };
         Walk {
+            tiled,
             plan,
             params,
             mean: inputs[0],
@@ -264,17 +287,12 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
     #[inline(always)]
     fn channels_last(&self, unit: &Unit, bufs: &mut Buffers<E::Acc>) {
         let channels = self.plan.geometry.channels;
-        let tile = if channels <= CHUNK {
-            CHUNK / channels * channels
-        } else {
-            channels
-        };
-        let repeat =
-            |v: &[E::Acc]| -> Vec<E::Acc> { v.iter().copied().cycle().take(tile).collect() };
-        let (tp, tq) = (repeat(&self.params.first), repeat(&self.params.second));
+        let (tp, tq) = (&self.tiled.first, &self.tiled.second);
+        let tile = tp.len();
         let sums = if O::SUMS > 0 { tile } else { 0 };
         let mut work = [vec![E::Acc::default(); sums], vec![E::Acc::default(); sums]];
-        let mut totals = [vec![0.0f64; channels], vec![0.0f64; channels]];
+        let total_len = if O::SUMS > 0 { channels } else { 0 };
+        let mut totals = [vec![0.0f64; total_len], vec![0.0f64; total_len]];
         let (mut at, end) = (unit.rows.start * channels, unit.rows.end * channels);
         let mut passes = 0;
         while at < end {
