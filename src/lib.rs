@@ -38,9 +38,7 @@ mod math;
 pub mod nn;
 mod op;
 pub mod options;
-pub mod validate;
-
-use std::sync::Arc;
+mod validate;
 
 use tch::Tensor;
 
@@ -93,8 +91,12 @@ pub fn vid_loss(mean: &Tensor, target: &Tensor, log_scale: &Tensor, opts: &VidOp
 /// This exists so that the CUDA kernels can be tested without a GPU, through a host
 /// emulation of the kernel sources (the test suite does this); the tensors must live where
 /// the launcher's "device pointers" point (CPU tensors for a host emulation).
+///
+/// A test hook: only with the non-default `test-hooks` feature, not part of the stable API.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 pub fn f_vid_loss_with_launcher(
-    launcher: Arc<dyn cuda::KernelLauncher + Send + Sync>,
+    launcher: std::sync::Arc<dyn cuda::KernelLauncher + Send + Sync>,
     mean: &Tensor,
     target: &Tensor,
     log_scale: &Tensor,
