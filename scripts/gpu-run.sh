@@ -45,6 +45,13 @@ step bench timeout 50 "$here/bin/gpu-bench" --csv "$out/gpu-bench.csv"
 cat "$out/bench.log"
 step peers timeout 110 python3 "$here/vid_peers.py" --device cuda --iters 20 --csv "$out/peers.csv"
 cat "$out/peers.log"
+# The size sweep (640 to 16.7M f32 elements), as bench-results/cpu-sweep on the CPU.
+step sweep-peers timeout 120 python3 "$here/vid_sweep_peers.py" --device cuda --budget-ms 200 \
+    --csv "$out/sweep-peers.csv" $("$here/bin/gpu-bench" --list-sweep-shapes)
+step sweep timeout 90 "$here/bin/gpu-bench" --sweep-csv "$out/gpu-sweep.csv" \
+    --sweep-peers "$out/sweep-peers.csv" --sweep-png "$out/gpu-sweep.png" \
+    --sweep-title "VID loss forward+backward, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+grep -E "^sweep|wrote" "$out/sweep.log"
 
 # One table: the fused op's forward+backward against eager and torch.compile (same card).
 python3 - "$out" <<'PY'

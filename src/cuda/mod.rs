@@ -19,12 +19,12 @@ mod probe;
 
 use tch::{Device, Tensor};
 
+#[cfg(not(feature = "test-hooks"))]
+pub(crate) use launcher::KernelLauncher;
 /// Test hooks (`test-hooks` feature): the launch interface the host emulation implements.
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub use launcher::{KernelLauncher, LaunchConfig};
-#[cfg(not(feature = "test-hooks"))]
-pub(crate) use launcher::KernelLauncher;
 
 use crate::backend::{ForwardOutput, Grads, NeedsGrad};
 use crate::error::{Result, VidError};
