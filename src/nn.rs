@@ -94,7 +94,9 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::{f_vid_loss, Reduction, VidError, VidOptions};
 
 /// Configuration of a [`VidLoss`]; build it with `Default` and struct-update syntax, as
-/// tch's own configs:
+/// tch's own configs (`nn::ConvConfig`, `nn::LinearConfig`). The op's own [`VidOptions`] is
+/// a builder with getters instead (its fields stay private so that options can be added);
+/// [`VidConfig::options`] gives the op options of a config.
 ///
 /// ```
 /// use vidfuse::{nn::VidConfig, Reduction};
