@@ -494,53 +494,62 @@ fn zero_grads(vs: &nn::VarStore) {
 }
 
 #[test]
-fn bf16_features_with_f32_parameters_compute_in_bf16() {
+fn half_features_with_f32_parameters_compute_in_their_dtype() {
+    half_features_with_f32_parameters(Kind::BFloat16);
+    half_features_with_f32_parameters(Kind::Half);
+}
+
+/// bf16 or f16 features, f32 parameters.
+fn half_features_with_f32_parameters(kind: Kind) {
     tch::manual_seed(21);
     let vs = nn::VarStore::new(Device::Cpu);
     let vid = VidLoss::new(&vs.root() / "vid", 6, 8, Default::default());
     tch::no_grad(|| {
         vid.log_scale().shallow_clone().copy_(&randn(&[8]));
     });
-    let s = randn(&[4, 6, 5, 5]).to_kind(Kind::BFloat16);
-    let t = randn(&[4, 8, 5, 5]).to_kind(Kind::BFloat16);
+    let s = randn(&[4, 6, 5, 5]).to_kind(kind);
+    let t = randn(&[4, 8, 5, 5]).to_kind(kind);
 
     let mean = vid.regress(&s);
-    assert_eq!(
-        mean.kind(),
-        Kind::BFloat16,
-        "the regressor ran in {:?}",
-        mean.kind()
-    );
+    assert_eq!(mean.kind(), kind, "the regressor ran in {:?}", mean.kind());
     let loss = vid.forward(&s, &t);
-    assert_eq!(loss.kind(), Kind::BFloat16);
+    assert_eq!(loss.kind(), kind);
     loss.backward();
     let got = grads(&vs);
     for (name, g) in &got {
-        assert_eq!(g.kind(), Kind::Float, "{name}: gradient in {:?}", g.kind());
-        assert!(g.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}");
+        assert_eq!(
+            g.kind(),
+            Kind::Float,
+            "{kind:?}, {name}: gradient in {:?}",
+            g.kind()
+        );
+        assert!(
+            g.abs().sum(Kind::Double).double_value(&[]) > 0.0,
+            "{kind:?}, {name}"
+        );
     }
     for (name, v) in vs.variables() {
-        assert_eq!(v.kind(), Kind::Float, "{name} changed dtype");
+        assert_eq!(v.kind(), Kind::Float, "{kind:?}: {name} changed dtype");
     }
 
-    // Reference: the same bf16 regressor by plain tch ops, the loss in f64. The op
-    // accumulates in f32 and rounds its result to bf16: one bf16 rounding (2^-9 relative)
-    // separates the two.
+    // Reference: the same regressor in `kind` by plain tch ops, the loss in f64. The op
+    // accumulates in f32 and rounds its result to `kind`: one rounding (2^-9 relative for
+    // bf16, 2^-12 for f16) separates the two.
     zero_grads(&vs);
-    let mean_ref = plain_regress_conv(&vs, "vid", &s, Kind::BFloat16);
+    let mean_ref = plain_regress_conv(&vs, "vid", &s, kind);
     assert!(
         mean.equal(&mean_ref),
-        "the regressor differs from plain bf16 ops"
+        "the regressor differs from plain {kind:?} ops"
     );
     let want = plain_loss(&mean_ref, &t, vid.log_scale(), 1e-5);
-    assert!(close(&loss, &want, 4e-3), "{loss:?} vs {want:?}");
+    assert!(close(&loss, &want, 4e-3), "{kind:?}: {loss:?} vs {want:?}");
     want.backward();
-    // The mean's gradient reaches the weights through the same bf16 convolutions; it is
-    // rounded to bf16 from f32 (the op) or from f64 (the reference).
+    // The mean's gradient reaches the weights through the same convolutions in `kind`; it
+    // is rounded to `kind` from f32 (the op) or from f64 (the reference).
     for ((name, g), (_, r)) in got.iter().zip(grads(&vs)) {
         assert!(
             close(g, &r, 2e-2),
-            "{name}: gradient differs from the reference"
+            "{kind:?}, {name}: gradient differs from the reference"
         );
     }
 }
