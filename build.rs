@@ -1,5 +1,7 @@
-//! Compiles the autograd shim (csrc/) against the libtorch that torch-sys found, and gives
-//! this package's own binaries (tests, examples, benches) an rpath to it and to libnvrtc.
+//! Compiles the autograd shim (csrc/) against the libtorch that torch-sys found, tells every
+//! binary that depends on this crate which libraries to link (the CUDA ones without
+//! `--as-needed`), and gives this package's own binaries (tests, examples, benches) an rpath
+//! to libtorch and libnvrtc. A dependent binary sets its own rpath (see README).
 use std::env;
 use std::path::PathBuf;
 
@@ -7,7 +9,8 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/vidfuse_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/vidfuse_shim.h");
     println!("cargo:rerun-if-changed=build.rs");
-    if env::var_os("DOCS_RS").is_some() {
+    // docs.rs (and `--features doc-only`): documentation only, no libtorch to compile against.
+    if env::var_os("DOCS_RS").is_some() || env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
         return;
     }
 
@@ -23,7 +26,10 @@ fn main() {
     let cuda_include = lib_dir.join("../../nvidia/cu13/include");
     let torch_cuda = lib_dir.join("libtorch_cuda.so").exists();
     let cuda_headers = ["cuda_runtime_api.h", "crt/host_config.h"];
-    if torch_cuda && cuda_headers.iter().all(|h| cuda_include.join(h).exists()) {
+    let c10_cuda = lib_dir.join("libc10_cuda.so").exists();
+    let shim_cuda =
+        torch_cuda && c10_cuda && cuda_headers.iter().all(|h| cuda_include.join(h).exists());
+    if shim_cuda {
         shim.include(&cuda_include)
             .define("VIDFUSE_WITH_TORCH_CUDA", None);
     }
@@ -40,8 +46,17 @@ fn main() {
         .warnings(false)
         .compile("vidfuse_shim");
 
-    // These apply to this package's tests, examples and benches only; a downstream binary
-    // sets its own rpath (see README).
+    // `rustc-link-lib` reaches the final link of every binary that depends on this crate
+    // (torch-sys has given the search path and links torch_cuda; rustc links with
+    // `--as-needed`, so the shim holds a live reference that keeps libtorch_cuda loaded: its
+    // static initialisers register the CUDA backend). The shim's CUDA stream and graph
+    // helpers call into libc10_cuda, which torch-sys does not link.
+    if shim_cuda {
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+
+    // `rustc-link-arg` applies to this package's tests, examples and benches only; a
+    // dependent binary sets its own rpath (see README, "In your own crate").
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     // libnvrtc from the nvidia wheel that sits next to torch in site-packages.
     if let Some(site_packages) = lib_dir.parent().and_then(|torch| torch.parent()) {
@@ -49,11 +64,6 @@ fn main() {
         if nvrtc_dir.is_dir() {
             println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nvrtc_dir.display());
         }
-    }
-    // Keep libtorch_cuda linked although no symbol of it is referenced: its static
-    // initialisers register the CUDA backend (otherwise tch reports no CUDA).
-    if torch_cuda {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
     }
     println!(
         "cargo:rustc-env=VIDFUSE_LIBTORCH_LIB={}",

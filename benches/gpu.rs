@@ -2,6 +2,15 @@
 //! forward+backward against the same loss in plain tch ops, and against the measured
 //! device-copy bandwidth. Prints a table and, with `--csv PATH`, writes a CSV.
 //! Without a CUDA device it prints a note and exits. Run: `cargo bench --bench gpu`.
+//!
+//! `--sweep-csv PATH` also runs the size sweep of the CPU bench (`benches/cpu_sweep.rs`:
+//! f32 NCHW, 640 to 16.7M elements, fused and plain tch forward+backward, and the bytes
+//! floor at the device-copy bandwidth) and writes it in the same CSV format; with
+//! `--sweep-peers PATH` (the CSV of `scripts/vid_sweep_peers.py --device cuda`) those rows are
+//! merged in, and `--sweep-png PATH` plots them as the CPU sweep (`--sweep-title` names it).
+
+#[path = "sweep/mod.rs"]
+mod sweep;
 
 use cudarc::driver::{result::event, sys};
 use tch::{Device, Kind, Tensor};
@@ -88,6 +97,12 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--list-sweep-shapes") {
+        for shape in sweep::shapes(1 << 24) {
+            println!("{}", sweep::shape_name(&shape));
+        }
+        return;
+    }
     if !tch::Cuda::is_available() {
         println!("SKIPPED: no CUDA device; GPU timings need one (scripts/gpu-run.sh)");
         return;
@@ -198,4 +213,73 @@ fn main() {
         std::fs::write(&path, csv.join("\n") + "\n").expect("write csv");
         println!("wrote {path}");
     }
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(path) = arg("--sweep-csv") {
+        let mut rows = size_sweep(device, copy_gbs);
+        if let Some(peers) = arg("--sweep-peers") {
+            match sweep::read_csv(std::path::Path::new(&peers)) {
+                Ok(peer_rows) => rows.extend(peer_rows),
+                Err(e) => println!("sweep: without the PyTorch peers: {e}"),
+            }
+        }
+        std::fs::write(&path, sweep::to_csv(&rows)).expect("write sweep csv");
+        println!("wrote {path}");
+        if let Some(png) = arg("--sweep-png") {
+            let title = arg("--sweep-title")
+                .unwrap_or_else(|| "VID loss forward+backward, CUDA device 0".into());
+            sweep::plot(std::path::Path::new(&png), &rows, &title).expect("plot");
+            println!("wrote {png}");
+        }
+    }
+}
+
+/// The size sweep on `device`: fused and plain tch forward+backward (gradients returned, not
+/// accumulated), timed with CUDA events, and the bytes floor at `copy_gbs`.
+fn size_sweep(device: Device, copy_gbs: f64) -> Vec<sweep::Row> {
+    let opts = VidOptions::default();
+    let mut rows = Vec::new();
+    for shape in sweep::shapes(1 << 24) {
+        let case = Case {
+            shape: shape.to_vec(),
+            kind: Kind::Float,
+            layout: "nchw",
+        };
+        let (mean, target, log_scale) = make(&case, device);
+        let fused = time_ms(|| {
+            let loss = f_vid_loss(&mean, &target, &log_scale, &opts).unwrap();
+            let _ = Tensor::run_backward(&[&loss], &[&mean, &log_scale], false, false);
+        });
+        let plain = time_ms(|| {
+            let loss = plain_vid(&mean, &target, &log_scale);
+            let _ = Tensor::run_backward(&[&loss], &[&mean, &log_scale], false, false);
+        });
+        let elems: i64 = shape.iter().product();
+        let floor = sweep::PASSES * elems as f64 * 4.0 / (copy_gbs * 1e9) * 1e3;
+        println!(
+            "sweep {:>14}: fused {fused:9.4} ms, plain tch {plain:9.4} ms, floor {floor:9.4} ms",
+            sweep::shape_name(&shape)
+        );
+        for (implementation, ms, calls) in [
+            ("fused", fused, CALLS * BATCHES),
+            ("plain_tch", plain, CALLS * BATCHES),
+            ("bytes_floor", floor, 0),
+        ] {
+            rows.push(sweep::Row {
+                device: "cuda".into(),
+                implementation: implementation.into(),
+                dtype: "float32".into(),
+                shape: sweep::shape_name(&shape),
+                elems,
+                ms,
+                calls,
+                threads: 0,
+            });
+        }
+    }
+    rows
 }

@@ -77,10 +77,6 @@ impl KernelLauncher for NullLauncher {
     fn launch(&self, _: &str, _: LaunchConfig, _: &mut [*mut c_void]) -> Result<(), VidError> {
         Ok(())
     }
-
-    fn multiprocessors(&self) -> usize {
-        132
-    }
 }
 
 fn null_launcher() -> Arc<dyn KernelLauncher + Send + Sync> {

@@ -265,6 +265,17 @@ void vf_cuda_graph_free(void *graph) {
     }
 }
 
+// libtorch_cuda registers PyTorch's CUDA backend from its static initialisers, yet a program
+// need not call any of its functions, and rustc links with --as-needed: without a live
+// reference a binary would not load it, and tch would report no CUDA. These retained pointers
+// (kept through the linker's section garbage collection) to functions that use libtorch_cuda
+// and libc10_cuda make both libraries needed by every binary that links the shim.
+__attribute__((used, retain)) static const void *const vf_keep_cuda_libraries[] = {
+    reinterpret_cast<const void *>(&vf_cuda_graph_new),
+    reinterpret_cast<const void *>(&vf_cuda_graph_free),
+    reinterpret_cast<const void *>(&vf_cuda_stream_push),
+};
+
 #else // libtorch without CUDA
 
 static const char kNoTorchCuda[] = "vidfuse was built against a libtorch without CUDA";

@@ -93,6 +93,12 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     vid_init_variance: f64,
 
+    /// Adam learning rate of the VID variance (`log_scale`, in an optimizer group of its
+    /// own) [default: --lr]. At 1e-3 the variance moves by at most about 0.001 per step
+    /// (Adam's step is about its learning rate), so hundreds of steps barely move it from 5.
+    #[arg(long)]
+    vid_lr: Option<f64>,
+
     /// KD temperature.
     #[arg(long, default_value_t = 4.0)]
     temperature: f64,
@@ -200,6 +206,7 @@ fn main() -> anyhow::Result<()> {
         temperature: args.temperature,
         vid_lambda: args.vid_lambda,
         vid_init_variance: args.vid_init_variance,
+        vid_lr: args.vid_lr,
         fitnet_weight: args.fitnet_weight,
         at_weight: args.at_weight,
     };
@@ -240,7 +247,10 @@ fn main() -> anyhow::Result<()> {
             method.to_string(),
             100.0 * res.test_accuracy,
             res.vid_variance
-                .map(|v| format!(", final VID variance mean {v:.3}"))
+                .zip(r.vid_variance_range)
+                .map(|(v, (lo, hi))| format!(
+                    ", final VID variance mean {v:.3} (channels {lo:.2}-{hi:.2})"
+                ))
                 .unwrap_or_default(),
             res.seconds
         );

@@ -6,14 +6,14 @@
 #
 # writes bench-results/cpu-<date>.csv and .md (BENCH_TAG=name replaces the date).
 # Environment: VENV_PYTHON (default .venv/bin/python, needs torch), VID_PEERS (default
-# ../shared/bench/vid_peers.py), PEER_ITERS (default 30), CARGO_TARGET_DIR.
+# scripts/vid_peers.py), PEER_ITERS (default 30), CARGO_TARGET_DIR.
 # The run takes about 8 minutes on 2 cores; run it on a quiet machine (the load before,
 # between and after the two halves goes into the Markdown).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv_python=${VENV_PYTHON:-.venv/bin/python}
-peers=${VID_PEERS:-../shared/bench/vid_peers.py}
+peers=${VID_PEERS:-scripts/vid_peers.py}
 peer_iters=${PEER_ITERS:-30}
 tag=${BENCH_TAG:-$(date -u +%Y-%m-%d)}
 criterion_dir=${CARGO_TARGET_DIR:-target}/criterion

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-peers=${VID_PEERS:-../shared/bench/vid_peers.py}
+peers=${VID_PEERS:-scripts/vid_peers.py}
 [ -f "$peers" ] || { echo "gpu-bundle: peers script not found at $peers (set VID_PEERS)" >&2; exit 1; }
 
 # The path of the executable cargo builds for a target, from its JSON messages.
@@ -27,5 +27,6 @@ cp "$(executable bench --bench gpu)" "$out/bin/gpu-bench"
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/gpu-run.sh "$out/"
 cp "$peers" "$out/vid_peers.py"
+cp scripts/vid_sweep_peers.py "$out/"
 git rev-parse --short HEAD > "$out/commit.txt"
 du -sh "$out"

@@ -18,6 +18,7 @@ pub(crate) enum Backend {
     /// The CUDA kernels on device `ordinal`.
     Cuda(usize),
     /// The CUDA kernel plan through a caller-supplied launcher (the host emulation in tests).
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     Launcher(Arc<dyn KernelLauncher + Send + Sync>),
 }
 

@@ -39,9 +39,7 @@ mod math;
 pub mod nn;
 mod op;
 pub mod options;
-pub mod validate;
-
-use std::sync::Arc;
+mod validate;
 
 use tch::Tensor;
 
@@ -145,8 +143,10 @@ pub fn vid_loss_grouped(terms: &[VidTerm<'_>], opts: &VidOptions) -> Tensor {
 
 /// [`f_vid_loss_grouped`] with the CUDA kernel plan run through `launcher` (see
 /// [`f_vid_loss_with_launcher`]).
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 pub fn f_vid_loss_grouped_with_launcher(
-    launcher: Arc<dyn cuda::KernelLauncher + Send + Sync>,
+    launcher: std::sync::Arc<dyn cuda::KernelLauncher + Send + Sync>,
     terms: &[VidTerm<'_>],
     opts: &VidOptions,
 ) -> Result<Tensor, VidError> {
@@ -159,8 +159,12 @@ pub fn f_vid_loss_grouped_with_launcher(
 /// This exists so that the CUDA kernels can be tested without a GPU, through a host
 /// emulation of the kernel sources (the test suite does this); the tensors must live where
 /// the launcher's "device pointers" point (CPU tensors for a host emulation).
+///
+/// A test hook: only with the non-default `test-hooks` feature, not part of the stable API.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 pub fn f_vid_loss_with_launcher(
-    launcher: Arc<dyn cuda::KernelLauncher + Send + Sync>,
+    launcher: std::sync::Arc<dyn cuda::KernelLauncher + Send + Sync>,
     mean: &Tensor,
     target: &Tensor,
     log_scale: &Tensor,

@@ -35,6 +35,57 @@
 //! opt.backward_step(&loss);
 //! assert_eq!(vid.variance().size(), vec![32]);
 //! ```
+//!
+//! # Mixed precision
+//!
+//! The modules compute in the student features' dtype, as PyTorch's autocast would: the
+//! regressor's weights are cast on each call (a cast inside the autograd graph), the teacher
+//! is cast to that dtype, and the fused op gets `log_scale` in f32. So bf16 activations with
+//! the usual f32 master weights give a bf16 loss whose gradients reach the f32 parameters in
+//! f32; f64 features give an f64 loss; after `vs.half()`, f32 features still give an f32
+//! loss. Parameters and their gradients always stay in the VarStore's dtype.
+//!
+//! # Initialisation
+//!
+//! The regressors start as PyTorch's `nn.Conv2d` and `nn.Linear` do (and so as the reference
+//! implementation, which uses them): weights, and biases where there are any, uniform in
+//! `+-1/sqrt(fan_in)`, `fan_in` being the input channels of a 1x1 convolution or the input
+//! size of a linear layer. (tch's own default, Kaiming-uniform with the ReLU gain, has 6
+//! times that variance.) `log_scale` starts where the variance is `init_variance`.
+//!
+//! # Learning rate of the variance
+//!
+//! Adam moves every parameter by about its learning rate per step, whatever the size of its
+//! gradient, and at the initial variance 5 `softplus` is nearly the identity: the variance
+//! moves by about the learning rate per step. At a network's usual 1e-3 it hardly leaves 5
+//! in a short run, and the VID term stays a weak regression loss. Measured with
+//! `examples/mnist_vid.rs` (CNN teacher, CNN and MLP students, 400 images per class, 300
+//! Adam steps of batch 64, network learning rate 1e-3, one seed), the mean per-channel
+//! variance after 300 steps went from 5 to:
+//!
+//! | learning rate of `log_scale` | CNN student | MLP student |
+//! | --- | --- | --- |
+//! | 1e-3 (the network's) | 4.69 (channels 4.64-4.70) | 4.69 (4.65-4.70) |
+//! | 5e-3 | 3.36 (3.14-3.42) | 3.36 (3.21-3.40) |
+//! | 2e-2 | 0.24 (0.04-0.55) | 0.27 (0.04-0.88) |
+//!
+//! (teacher trained 2 epochs; with the example's 10-epoch teacher, 2e-2 gave 0.33 and 0.37.)
+//! So give `log_scale` an optimizer group of its own and a larger learning rate:
+//!
+//! ```
+//! use tch::{nn, nn::OptimizerConfig, Device};
+//! use vidfuse::nn::{VidConfig, VidLoss};
+//!
+//! let vs = nn::VarStore::new(Device::Cpu);
+//! let cfg = VidConfig { log_scale_group: Some(1), ..Default::default() };
+//! let vid = VidLoss::new(&vs.root() / "vid", 16, 32, cfg);
+//! let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap(); // every group at 1e-3
+//! opt.set_lr_group(1, 0.02); // then log_scale at 2e-2
+//! ```
+//!
+//! tch's `opt.set_lr(lr)` sets every group: a schedule calls `opt.set_lr_group(1, ...)` after
+//! it. The whole module can also go into a group, through the path:
+//! `VidLoss::new(vs.root().set_group(1) / "vid", ...)`.
 
 use std::borrow::Borrow;
 
@@ -43,7 +94,9 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::{f_vid_loss, Reduction, VidError, VidOptions};
 
 /// Configuration of a [`VidLoss`]; build it with `Default` and struct-update syntax, as
-/// tch's own configs:
+/// tch's own configs (`nn::ConvConfig`, `nn::LinearConfig`). The op's own [`VidOptions`] is
+/// a builder with getters instead (its fields stay private so that options can be added);
+/// [`VidConfig::options`] gives the op options of a config.
 ///
 /// ```
 /// use vidfuse::{nn::VidConfig, Reduction};
@@ -69,11 +122,16 @@ pub struct VidConfig {
     /// Add `0.5 * ln(2 pi)` per element (the full Gaussian negative log-likelihood). It
     /// changes the value, not the gradients. Default `false`.
     pub full: bool,
+    /// The tch optimizer parameter group `log_scale` is created in; `None` (the default)
+    /// keeps the group of the path the module is built under. With `Some(g)`, give the
+    /// variance its own learning rate with `opt.set_lr_group(g, lr)`: see
+    /// [the module docs](crate::nn#learning-rate-of-the-variance) for why it matters.
+    pub log_scale_group: Option<usize>,
 }
 
 impl Default for VidConfig {
     /// `init_variance = 5.0`, `eps = 1e-5`, hidden width = teacher's channels,
-    /// `Reduction::Mean`, `full = false`.
+    /// `Reduction::Mean`, `full = false`, `log_scale` in the path's optimizer group.
     fn default() -> Self {
         VidConfig {
             init_variance: 5.0,
@@ -81,6 +139,7 @@ impl Default for VidConfig {
             hidden_channels: None,
             reduction: Reduction::Mean,
             full: false,
+            log_scale_group: None,
         }
     }
 }
@@ -203,6 +262,8 @@ struct ParamSpec {
     name: &'static str,
     dims: Vec<i64>,
     init: nn::Init,
+    /// The optimizer group, when not the module path's.
+    group: Option<usize>,
 }
 
 impl ParamSpec {
@@ -212,7 +273,23 @@ impl ParamSpec {
             name,
             dims: dims.to_vec(),
             init,
+            group: None,
         }
+    }
+
+    /// Uniform in `+-1/sqrt(fan_in)`: PyTorch's default for the weights of `nn.Linear` and
+    /// `nn.Conv2d` (`kaiming_uniform_(a = sqrt(5))`) and for their biases.
+    fn pytorch_default(path: &[&str], name: &'static str, dims: &[i64], fan_in: i64) -> Self {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        Self::new(
+            path,
+            name,
+            dims,
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )
     }
 
     fn display_name(&self) -> String {
@@ -264,10 +341,11 @@ impl PendingParams {
         self.params
             .into_iter()
             .map(|(spec, tensor)| {
-                let path = spec
-                    .path
-                    .iter()
-                    .fold(vs.clone(), |p, part| p / part.as_str());
+                let base = match spec.group {
+                    Some(group) => vs.set_group(group),
+                    None => vs.clone(),
+                };
+                let path = spec.path.iter().fold(base, |p, part| p / part.as_str());
                 path.add(spec.name, tensor, true)
             })
             .collect()
@@ -320,33 +398,21 @@ impl PendingVidLoss {
 }
 
 fn log_scale_spec(teacher_dim: i64, cfg: &VidConfig) -> ParamSpec {
-    ParamSpec::new(
+    let mut spec = ParamSpec::new(
         &[],
         "log_scale",
         &[teacher_dim],
         nn::Init::Const(cfg.initial_log_scale()),
-    )
+    );
+    spec.group = cfg.log_scale_group;
+    spec
 }
 
-/// A linear regressor's weight and bias, as `nn::linear` makes them.
+/// A linear regressor's weight and bias, initialised as PyTorch's `nn.Linear`.
 fn linear_specs(in_dim: i64, out_dim: i64) -> [ParamSpec; 2] {
-    let bound = 1.0 / (in_dim as f64).sqrt();
     [
-        ParamSpec::new(
-            &["regressor"],
-            "weight",
-            &[out_dim, in_dim],
-            nn::LinearConfig::default().ws_init,
-        ),
-        ParamSpec::new(
-            &["regressor"],
-            "bias",
-            &[out_dim],
-            nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        ),
+        ParamSpec::pytorch_default(&["regressor"], "weight", &[out_dim, in_dim], in_dim),
+        ParamSpec::pytorch_default(&["regressor"], "bias", &[out_dim], in_dim),
     ]
 }
 
@@ -361,13 +427,9 @@ impl VidLoss {
         check_dim("student_channels", student_channels, "the channel count")?;
         check_dim("teacher_channels", teacher_channels, "the channel count")?;
         let hidden = cfg.hidden_channels.unwrap_or(teacher_channels);
+        // 1x1 kernels: fan_in = input channels; PyTorch's `nn.Conv2d` initialisation.
         let conv = |name: &str, i: i64, o: i64| {
-            ParamSpec::new(
-                &["regressor", name],
-                "weight",
-                &[o, i, 1, 1],
-                nn::ConvConfig::default().ws_init,
-            )
+            ParamSpec::pytorch_default(&["regressor", name], "weight", &[o, i, 1, 1], i)
         };
         let specs = vec![
             log_scale_spec(teacher_channels, &cfg),
@@ -607,28 +669,50 @@ impl VidLoss {
     /// The regressor's output for `student` (no pooling): the predicted mean of the
     /// teacher's features. `[N, Ct, Hs, Ws]` for VID-I, `[N, Dt]` for the linear form,
     /// `[N, Ct, H, W]` for vector -> map.
+    ///
+    /// Computed in `student`'s dtype: the regressor's weights are cast to it on each call
+    /// (the cast is part of the autograd graph, so their gradients arrive in the VarStore's
+    /// dtype), as under PyTorch's autocast.
     pub fn f_regress(&self, student: &Tensor) -> Result<Tensor, VidError> {
-        let kind = self.log_scale.kind();
+        let kind = student.f_kind()?;
+        let cast = |w: &Tensor| -> Result<Tensor, VidError> {
+            Ok(if w.kind() == kind {
+                w.shallow_clone()
+            } else {
+                w.f_to_kind(kind)?
+            })
+        };
         match &self.regressor {
             Regressor::Conv { ws } => {
                 self.check_input("student", student, 4, self.student_dim)?;
-                let x = student.f_to_kind(kind)?;
-                let x = x.f_conv2d(&ws[0], None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
-                let x = x.f_relu()?;
-                let x = x.f_conv2d(&ws[1], None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
-                let x = x.f_relu()?;
-                Ok(x.f_conv2d(&ws[2], None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?)
+                let conv = |x: &Tensor, w: &Tensor| -> Result<Tensor, VidError> {
+                    Ok(x.f_conv2d(&cast(w)?, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?)
+                };
+                let x = conv(student, &ws[0])?.f_relu()?;
+                let x = conv(&x, &ws[1])?.f_relu()?;
+                conv(&x, &ws[2])
             }
             Regressor::Linear { ws, bs } => {
                 self.check_input("student", student, 2, self.student_dim)?;
-                Ok(student.f_to_kind(kind)?.f_linear(ws, Some(bs))?)
+                Ok(student.f_linear(&cast(ws)?, Some(&cast(bs)?))?)
             }
             Regressor::VectorToMap { ws, bs, size } => {
                 self.check_input("student", student, 2, self.student_dim)?;
-                let y = student.f_to_kind(kind)?.f_linear(ws, Some(bs))?;
+                let y = student.f_linear(&cast(ws)?, Some(&cast(bs)?))?;
                 Ok(y.f_view([-1, self.teacher_dim, size.0, size.1])?)
             }
         }
+    }
+
+    /// `log_scale` as the op takes it next to inputs of dtype `kind`: as it is when it is
+    /// f32 or `kind`, else cast to f32 (through autograd).
+    fn op_log_scale(&self, kind: Kind) -> Result<Tensor, VidError> {
+        let own = self.log_scale.kind();
+        Ok(if own == Kind::Float || own == kind {
+            self.log_scale.shallow_clone()
+        } else {
+            self.log_scale.f_to_kind(Kind::Float)?
+        })
     }
 
     /// [`VidLoss::f_regress`], panicking on bad input.
@@ -639,6 +723,14 @@ impl VidLoss {
     /// The VID loss of `student` against `teacher` (detached), reduced as
     /// `cfg.reduction`; returns an error on mismatched shapes, devices or dtypes.
     ///
+    /// Mixed precision works as under PyTorch's autocast: the module computes in the
+    /// student's dtype (the regressor's weights are cast per call, the teacher is cast to
+    /// it) and the fused op gets those features with `log_scale` in f32 (or in the
+    /// features' dtype when the VarStore has it). The loss has the student's dtype: bf16
+    /// features give a bf16 loss (accumulated in f32 inside the op), f64 features an f64
+    /// loss, f32 features an f32 loss even after `vs.half()`. The parameters and their
+    /// gradients stay in the VarStore's dtype.
+    ///
     /// ```
     /// use tch::{nn, Device, Kind, Tensor};
     /// let vs = nn::VarStore::new(Device::Cpu);
@@ -648,7 +740,8 @@ impl VidLoss {
     /// assert!(vid.f_forward(&s, &t).is_err());
     /// ```
     pub fn f_forward(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor, VidError> {
-        let kind = self.log_scale.kind();
+        // Checked by check_input below; an integer student is refused there.
+        let kind = student.f_kind()?;
         match &self.regressor {
             Regressor::Conv { .. } | Regressor::VectorToMap { .. } => {
                 let s_dims = if matches!(self.regressor, Regressor::Conv { .. }) {
@@ -693,13 +786,15 @@ impl VidLoss {
                     }
                 };
                 let hw = (mean.size()[2], mean.size()[3]);
-                let t = teacher.detach().f_to_kind(kind)?;
+                // Pooled in the teacher's own dtype, then cast.
+                let t = teacher.detach();
                 let t = if t_hw != hw {
                     t.f_adaptive_avg_pool2d([hw.0, hw.1])?
                 } else {
                     t
                 };
-                f_vid_loss(&mean, &t, &self.log_scale, &self.cfg.options())
+                let t = t.f_to_kind(kind)?;
+                f_vid_loss(&mean, &t, &self.op_log_scale(kind)?, &self.cfg.options())
             }
             Regressor::Linear { .. } => {
                 self.check_input("student", student, 2, self.student_dim)?;
@@ -716,7 +811,7 @@ impl VidLoss {
                     ));
                 }
                 let t = teacher.detach().f_to_kind(kind)?;
-                f_vid_loss(&mean, &t, &self.log_scale, &self.cfg.options())
+                f_vid_loss(&mean, &t, &self.op_log_scale(kind)?, &self.cfg.options())
             }
         }
     }
@@ -726,6 +821,43 @@ impl VidLoss {
     pub fn forward(&self, student: &Tensor, teacher: &Tensor) -> Tensor {
         self.f_forward(student, teacher)
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// One VID-I layer pair of a [`VidDistiller`]: the student's and the teacher's channel
+/// counts and the pair's weight `lambda`.
+///
+/// ```
+/// use vidfuse::nn::VidPair;
+/// let p = VidPair::new(64, 128, 0.5);
+/// assert_eq!(p, VidPair { student_channels: 64, teacher_channels: 128, lambda: 0.5 });
+/// assert_eq!(p, VidPair::from((64, 128, 0.5)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VidPair {
+    /// Channels of the student's feature map.
+    pub student_channels: i64,
+    /// Channels of the teacher's feature map.
+    pub teacher_channels: i64,
+    /// The pair's weight in the sum (finite).
+    pub lambda: f64,
+}
+
+impl VidPair {
+    /// A pair of `student_channels` -> `teacher_channels` with weight `lambda`.
+    pub fn new(student_channels: i64, teacher_channels: i64, lambda: f64) -> VidPair {
+        VidPair {
+            student_channels,
+            teacher_channels,
+            lambda,
+        }
+    }
+}
+
+impl From<(i64, i64, f64)> for VidPair {
+    /// `(student_channels, teacher_channels, lambda)`.
+    fn from((student_channels, teacher_channels, lambda): (i64, i64, f64)) -> VidPair {
+        VidPair::new(student_channels, teacher_channels, lambda)
     }
 }
 
@@ -753,30 +885,15 @@ pub struct VidDistiller {
 
 impl VidDistiller {
     /// VID-I pairs from `(student_channels, teacher_channels, lambda)`, the k-th under
-    /// `vs / k`. Returns an error on a bad channel count or config.
+    /// `vs / k`. Returns an error on a bad channel count or config. The same as
+    /// [`VidDistiller::f_with_pairs`] with positional tuples.
     pub fn f_new<'a, P: Borrow<nn::Path<'a>>>(
         vs: P,
         pairs: &[(i64, i64, f64)],
         cfg: VidConfig,
     ) -> Result<VidDistiller, VidError> {
-        let vs = vs.borrow();
-        // Everything is checked and every tensor created before any is registered: a refused
-        // pair leaves the VarStore as it was.
-        for (k, &(_, _, lambda)) in pairs.iter().enumerate() {
-            check_lambda(lambda).map_err(|e| in_pair(k, e))?;
-        }
-        let pending = pairs
-            .iter()
-            .enumerate()
-            .map(|(k, &(s, t, _))| {
-                VidLoss::pending_conv(&(vs / k), s, t, cfg).map_err(|e| in_pair(k, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut d = VidDistiller::empty();
-        for (k, (loss, &(_, _, lambda))) in pending.into_iter().zip(pairs).enumerate() {
-            d.pairs.push((loss.register(&(vs / k)), lambda));
-        }
-        Ok(d)
+        let pairs: Vec<VidPair> = pairs.iter().map(|&p| p.into()).collect();
+        Self::f_with_pairs(vs, &pairs, cfg)
     }
 
     /// VID-I pairs (panicking form of [`VidDistiller::f_new`]).
@@ -786,6 +903,52 @@ impl VidDistiller {
         cfg: VidConfig,
     ) -> VidDistiller {
         Self::f_new(vs, pairs, cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// VID-I pairs, the k-th under `vs / k`. Returns an error on a bad channel count,
+    /// weight or config; then no variable is created.
+    pub fn f_with_pairs<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        pairs: &[VidPair],
+        cfg: VidConfig,
+    ) -> Result<VidDistiller, VidError> {
+        let vs = vs.borrow();
+        // Everything is checked and every tensor created before any is registered: a refused
+        // pair leaves the VarStore as it was.
+        for (k, pair) in pairs.iter().enumerate() {
+            check_lambda(pair.lambda).map_err(|e| in_pair(k, e))?;
+        }
+        let pending = pairs
+            .iter()
+            .enumerate()
+            .map(|(k, pair)| {
+                VidLoss::pending_conv(&(vs / k), pair.student_channels, pair.teacher_channels, cfg)
+                    .map_err(|e| in_pair(k, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut d = VidDistiller::empty();
+        for (k, (loss, pair)) in pending.into_iter().zip(pairs).enumerate() {
+            d.pairs.push((loss.register(&(vs / k)), pair.lambda));
+        }
+        Ok(d)
+    }
+
+    /// VID-I pairs (panicking form of [`VidDistiller::f_with_pairs`]).
+    ///
+    /// ```
+    /// use tch::{nn, Device};
+    /// use vidfuse::nn::{VidDistiller, VidPair};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let pairs = [VidPair::new(8, 16, 1.0), VidPair::new(16, 32, 0.5)];
+    /// let vid = VidDistiller::with_pairs(&vs.root() / "vid", &pairs, Default::default());
+    /// assert_eq!(vid.lambdas(), vec![1.0, 0.5]);
+    /// ```
+    pub fn with_pairs<'a, P: Borrow<nn::Path<'a>>>(
+        vs: P,
+        pairs: &[VidPair],
+        cfg: VidConfig,
+    ) -> VidDistiller {
+        Self::f_with_pairs(vs, pairs, cfg).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// A distiller with no pairs; add them with [`VidDistiller::push`] (any mix of
@@ -819,6 +982,39 @@ impl VidDistiller {
     /// The pairs and their weights.
     pub fn pairs(&self) -> &[(VidLoss, f64)] {
         &self.pairs
+    }
+
+    /// The pairs' weights, in order.
+    pub fn lambdas(&self) -> Vec<f64> {
+        self.pairs.iter().map(|(_, lambda)| *lambda).collect()
+    }
+
+    /// Sets the weight of pair `k` (for a schedule: warm-up, decay). Returns an error when
+    /// there is no pair `k` or `lambda` is not finite; then nothing changes.
+    pub fn f_set_lambda(&mut self, k: usize, lambda: f64) -> Result<(), VidError> {
+        check_lambda(lambda).map_err(|e| in_pair(k, e))?;
+        let n = self.pairs.len();
+        let pair = self.pairs.get_mut(k).ok_or_else(|| {
+            VidError::invalid("k", format!("no pair {k}: the distiller has {n} pairs"))
+        })?;
+        pair.1 = lambda;
+        Ok(())
+    }
+
+    /// Sets the weight of pair `k` (panicking form of [`VidDistiller::f_set_lambda`]).
+    ///
+    /// ```
+    /// use tch::{nn, Device};
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let mut vid = vidfuse::nn::VidDistiller::new(vs.root(), &[(4, 8, 1.0)], Default::default());
+    /// for step in 0..100 {
+    ///     vid.set_lambda(0, (step as f64 / 50.0).min(1.0)); // linear warm-up
+    /// }
+    /// assert_eq!(vid.lambdas(), vec![1.0]);
+    /// ```
+    pub fn set_lambda(&mut self, k: usize, lambda: f64) {
+        self.f_set_lambda(k, lambda)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Each pair's unweighted loss (for logging); errors as [`VidDistiller::f_forward`].
@@ -868,6 +1064,12 @@ impl VidDistiller {
                 Ok(loss)
             })
             .collect()
+    }
+
+    /// Each pair's unweighted loss (panicking form of [`VidDistiller::f_forward_each`]).
+    pub fn forward_each(&self, students: &[Tensor], teachers: &[Tensor]) -> Vec<Tensor> {
+        self.f_forward_each(students, teachers)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The weighted sum `sum_k lambda_k * L_k` of the pairs' losses; `students[k]` and

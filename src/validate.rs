@@ -74,6 +74,7 @@ impl VidProblem {
     }
 
     /// [`VidProblem::f_in_layout`], panicking on failure.
+    #[allow(dead_code)]
     pub fn in_layout(&self, t: &Tensor) -> Tensor {
         self.f_in_layout(t).unwrap_or_else(|e| panic!("{e}"))
     }

@@ -192,9 +192,6 @@ fn emu_launch_failure_is_an_error_not_a_panic() {
                 message: "device lost".into(),
             })
         }
-        fn multiprocessors(&self) -> usize {
-            1
-        }
     }
     let m = Tensor::randn([2, 3, 4], cpu(Kind::Float));
     let a = Tensor::randn([3], cpu(Kind::Float));

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use vidfuse::nn::{VidConfig, VidDistiller, VidLoss};
+use vidfuse::nn::{VidConfig, VidDistiller, VidLoss, VidPair};
 use vidfuse::{Reduction, VidError};
 
 const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
@@ -24,11 +24,11 @@ fn plain_loss(mean: &Tensor, target: &Tensor, log_scale: &Tensor, eps: f64) -> T
 }
 
 /// Average pooling by an integer factor per dimension, by reshaping (independent of
-/// adaptive_avg_pool2d).
+/// adaptive_avg_pool2d), in `x`'s dtype.
 fn pool_by(x: &Tensor, fh: i64, fw: i64) -> Tensor {
     let s = x.size();
     x.view([s[0], s[1], s[2] / fh, fh, s[3] / fw, fw])
-        .mean_dim(&[3i64, 5][..], false, Kind::Float)
+        .mean_dim(&[3i64, 5][..], false, x.kind())
 }
 
 fn close(a: &Tensor, b: &Tensor, tol: f64) -> bool {
@@ -314,7 +314,7 @@ fn optimizer_steps_reduce_the_loss() {
         + randn(&[16, 4, 4, 4]) * 0.1;
     let mut opt = nn::Adam::default().build(&vs, 1e-2).unwrap();
     let first = vid.forward(&s, &t).double_value(&[]);
-    for _ in 0..60 {
+    for _ in 0..120 {
         opt.backward_step(&vid.forward(&s, &t));
     }
     let last = vid.forward(&s, &t).double_value(&[]);
@@ -464,4 +464,322 @@ fn distiller_errors() {
             f64::NAN
         )
         .is_err());
+}
+
+/// The regressor's output computed by plain tch ops from the VarStore's tensors, with the
+/// weights cast to `kind` (the reference for the autocast-like behaviour).
+fn plain_regress_conv(vs: &nn::VarStore, prefix: &str, s: &Tensor, kind: Kind) -> Tensor {
+    let vars = vs.variables();
+    let w = |i: usize| vars[&format!("{prefix}.regressor.{i}.weight")].to_kind(kind);
+    let conv = |x: &Tensor, w: &Tensor| x.conv2d(w, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1);
+    let x = conv(s, &w(0)).relu();
+    let x = conv(&x, &w(2)).relu();
+    conv(&x, &w(4))
+}
+
+fn grads(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.grad().copy()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn zero_grads(vs: &nn::VarStore) {
+    for v in vs.variables().values() {
+        let _ = v.grad().zero_();
+    }
+}
+
+#[test]
+fn half_features_with_f32_parameters_compute_in_their_dtype() {
+    half_features_with_f32_parameters(Kind::BFloat16);
+    half_features_with_f32_parameters(Kind::Half);
+}
+
+/// bf16 or f16 features, f32 parameters.
+fn half_features_with_f32_parameters(kind: Kind) {
+    tch::manual_seed(21);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 6, 8, Default::default());
+    tch::no_grad(|| {
+        vid.log_scale().shallow_clone().copy_(&randn(&[8]));
+    });
+    let s = randn(&[4, 6, 5, 5]).to_kind(kind);
+    let t = randn(&[4, 8, 5, 5]).to_kind(kind);
+
+    let mean = vid.regress(&s);
+    assert_eq!(mean.kind(), kind, "the regressor ran in {:?}", mean.kind());
+    let loss = vid.forward(&s, &t);
+    assert_eq!(loss.kind(), kind);
+    loss.backward();
+    let got = grads(&vs);
+    for (name, g) in &got {
+        assert_eq!(
+            g.kind(),
+            Kind::Float,
+            "{kind:?}, {name}: gradient in {:?}",
+            g.kind()
+        );
+        assert!(
+            g.abs().sum(Kind::Double).double_value(&[]) > 0.0,
+            "{kind:?}, {name}"
+        );
+    }
+    for (name, v) in vs.variables() {
+        assert_eq!(v.kind(), Kind::Float, "{kind:?}: {name} changed dtype");
+    }
+
+    // Reference: the same regressor in `kind` by plain tch ops, the loss in f64. The op
+    // accumulates in f32 and rounds its result to `kind`: one rounding (2^-9 relative for
+    // bf16, 2^-12 for f16) separates the two.
+    zero_grads(&vs);
+    let mean_ref = plain_regress_conv(&vs, "vid", &s, kind);
+    assert!(
+        mean.equal(&mean_ref),
+        "the regressor differs from plain {kind:?} ops"
+    );
+    let want = plain_loss(&mean_ref, &t, vid.log_scale(), 1e-5);
+    assert!(close(&loss, &want, 4e-3), "{kind:?}: {loss:?} vs {want:?}");
+    want.backward();
+    // The mean's gradient reaches the weights through the same convolutions in `kind`; it
+    // is rounded to `kind` from f32 (the op) or from f64 (the reference).
+    for ((name, g), (_, r)) in got.iter().zip(grads(&vs)) {
+        assert!(
+            close(g, &r, 2e-2),
+            "{kind:?}, {name}: gradient differs from the reference"
+        );
+    }
+}
+
+#[test]
+fn f64_features_give_an_f64_loss() {
+    tch::manual_seed(22);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 5, 7, Default::default());
+    tch::no_grad(|| {
+        vid.log_scale().shallow_clone().copy_(&randn(&[7]));
+    });
+    let s = randn(&[3, 5, 4, 4]).to_kind(Kind::Double);
+    let t = randn(&[3, 7, 2, 2]).to_kind(Kind::Double);
+    let loss = vid.forward(&s, &t);
+    assert_eq!(loss.kind(), Kind::Double);
+    // f32 weights widen to f64 exactly: the reference is the same computation in f64.
+    let mean = plain_regress_conv(&vs, "vid", &pool_by(&s, 2, 2), Kind::Double);
+    let want = plain_loss(&mean, &pool_by(&t, 1, 1), vid.log_scale(), 1e-5);
+    assert!(close(&loss, &want, 1e-12), "{loss:?} vs {want:?}");
+    loss.backward();
+    for (name, g) in grads(&vs) {
+        assert_eq!(g.kind(), Kind::Float, "{name}");
+    }
+
+    // the linear form too
+    let lp = VidLoss::linear(&vs.root() / "lp", 6, 3, Default::default());
+    let (s, t) = (
+        randn(&[5, 6]).to_kind(Kind::Double),
+        randn(&[5, 3]).to_kind(Kind::Double),
+    );
+    let loss = lp.forward(&s, &t);
+    assert_eq!(loss.kind(), Kind::Double);
+    let vars = vs.variables();
+    let mean = s.linear(
+        &vars["lp.regressor.weight"].to_kind(Kind::Double),
+        Some(&vars["lp.regressor.bias"].to_kind(Kind::Double)),
+    );
+    assert!(close(
+        &loss,
+        &plain_loss(&mean, &t, lp.log_scale(), 1e-5),
+        1e-12
+    ));
+}
+
+#[test]
+fn f32_features_stay_f32_after_varstore_half() {
+    tch::manual_seed(23);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 4, 6, Default::default());
+    let v2m = VidLoss::vector_to_map(&vs.root() / "v2m", 10, 3, (2, 2), Default::default());
+    vs.half();
+    assert_eq!(vid.log_scale().kind(), Kind::Half);
+
+    let (s, t) = (randn(&[2, 4, 3, 3]), randn(&[2, 6, 3, 3]));
+    let loss = vid.forward(&s, &t);
+    assert_eq!(loss.kind(), Kind::Float);
+    let mean = plain_regress_conv(&vs, "vid", &s, Kind::Float);
+    let want = plain_loss(&mean, &t, vid.log_scale(), 1e-5);
+    assert!(close(&loss, &want, 1e-5), "{loss:?} vs {want:?}");
+
+    let (s, t) = (randn(&[2, 10]), randn(&[2, 3, 2, 2]));
+    let loss2 = v2m.forward(&s, &t);
+    assert_eq!(loss2.kind(), Kind::Float);
+    let vars = vs.variables();
+    let mean = s
+        .linear(
+            &vars["v2m.regressor.weight"].to_kind(Kind::Float),
+            Some(&vars["v2m.regressor.bias"].to_kind(Kind::Float)),
+        )
+        .view([2, 3, 2, 2]);
+    assert!(close(
+        &loss2,
+        &plain_loss(&mean, &t, v2m.log_scale(), 1e-5),
+        1e-5
+    ));
+
+    (loss + loss2).backward();
+    for (name, g) in grads(&vs) {
+        assert_eq!(
+            g.kind(),
+            Kind::Half,
+            "{name}: the gradient left the VarStore's dtype"
+        );
+        assert!(g.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}");
+    }
+}
+
+#[test]
+fn regressor_init_is_pytorchs_default() {
+    // PyTorch's Conv2d / Linear: weights (kaiming_uniform_ with a = sqrt(5)) and biases are
+    // uniform in +-1/sqrt(fan_in). Checked: the bound is respected and nearly reached, and
+    // the moments and the median of |w| are those of that uniform law.
+    fn check_uniform(name: &str, w: &Tensor, fan_in: i64) {
+        let w = w.to_kind(Kind::Double).flatten(0, -1);
+        let n = w.size()[0] as f64;
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let max = w.abs().max().double_value(&[]);
+        assert!(max <= bound, "{name}: max |w| {max} above {bound}");
+        assert!(
+            max >= 0.99 * bound,
+            "{name}: max |w| {max} well below {bound}"
+        );
+        let mean = w.mean(Kind::Double).double_value(&[]);
+        let sd = bound / 3f64.sqrt();
+        assert!(mean.abs() < 5.0 * sd / n.sqrt(), "{name}: mean {mean}");
+        let var = w.square().mean(Kind::Double).double_value(&[]);
+        let rel = (var / (sd * sd) - 1.0).abs();
+        // relative sd of the variance estimate of a uniform law: sqrt(0.8 / n)
+        assert!(
+            rel < 6.0 * (0.8 / n).sqrt(),
+            "{name}: variance {var} vs {}",
+            sd * sd
+        );
+        let below_half = w
+            .abs()
+            .lt(bound / 2.0)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double);
+        let below_half = below_half.double_value(&[]);
+        assert!(
+            (below_half - 0.5).abs() < 6.0 * 0.5 / n.sqrt(),
+            "{name}: {below_half}"
+        );
+    }
+    tch::manual_seed(24);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let cfg = VidConfig {
+        hidden_channels: Some(300),
+        ..Default::default()
+    };
+    let _vid = VidLoss::new(&vs.root() / "vid", 200, 250, cfg);
+    let _lp = VidLoss::linear(&vs.root() / "lp", 50, 4000, Default::default());
+    let _v2m = VidLoss::vector_to_map(&vs.root() / "v2m", 80, 100, (6, 6), Default::default());
+    let v = vs.variables();
+    check_uniform("conv 0", &v["vid.regressor.0.weight"], 200);
+    check_uniform("conv 2", &v["vid.regressor.2.weight"], 300);
+    check_uniform("conv 4", &v["vid.regressor.4.weight"], 300);
+    check_uniform("linear weight", &v["lp.regressor.weight"], 50);
+    check_uniform("linear bias", &v["lp.regressor.bias"], 50);
+    check_uniform("v2m weight", &v["v2m.regressor.weight"], 80);
+    check_uniform("v2m bias", &v["v2m.regressor.bias"], 80);
+}
+
+#[test]
+fn log_scale_group_gets_its_own_learning_rate() {
+    tch::manual_seed(25);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let cfg = VidConfig {
+        log_scale_group: Some(1),
+        ..Default::default()
+    };
+    let vid = VidLoss::new(&vs.root() / "vid", 4, 6, cfg);
+    let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+    opt.set_lr_group(1, 0.05);
+    let before: HashMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.copy()))
+        .collect();
+    let (s, t) = (randn(&[8, 4, 3, 3]), randn(&[8, 6, 3, 3]) * 3.0);
+    opt.backward_step(&vid.forward(&s, &t));
+    // Adam's first step moves every parameter with a non-zero gradient by its group's
+    // learning rate (up to Adam's eps).
+    for (name, v) in vs.variables() {
+        let step = (v.to_kind(Kind::Double) - before[&name].to_kind(Kind::Double)).abs();
+        let (max, min) = (step.max().double_value(&[]), step.min().double_value(&[]));
+        let lr = if name.ends_with("log_scale") {
+            0.05
+        } else {
+            1e-3
+        };
+        assert!(
+            (max - lr).abs() < 1e-3 * lr,
+            "{name}: moved up to {max}, lr {lr}"
+        );
+        if name.ends_with("log_scale") {
+            assert!((min - lr).abs() < 1e-3 * lr, "{name}: moved {min}, lr {lr}");
+        }
+    }
+}
+
+#[test]
+fn distiller_lambdas_can_change() {
+    tch::manual_seed(26);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let pairs = [VidPair::new(3, 5, 1.0), VidPair::new(4, 2, 0.5)];
+    let mut d = VidDistiller::with_pairs(&vs.root() / "vid", &pairs, Default::default());
+    assert_eq!(d.lambdas(), vec![1.0, 0.5]);
+    assert!(vs.variables().contains_key("vid.1.regressor.4.weight"));
+    let s = [randn(&[2, 3, 4, 4]), randn(&[2, 4, 4, 4])];
+    let t = [randn(&[2, 5, 4, 4]), randn(&[2, 2, 4, 4])];
+    let each = d.forward_each(&s, &t);
+    let each: Vec<f64> = each.iter().map(|l| l.double_value(&[])).collect();
+    d.set_lambda(1, 3.0);
+    assert_eq!(d.lambdas(), vec![1.0, 3.0]);
+    let got = d.forward(&s, &t).double_value(&[]);
+    let want = each[0] + 3.0 * each[1];
+    assert!((got - want).abs() <= 1e-6 * want.abs(), "{got} vs {want}");
+
+    let e = d.f_set_lambda(2, 1.0).unwrap_err().to_string();
+    assert!(e.contains("no pair 2") && e.contains("2 pairs"), "{e}");
+    let e = d.f_set_lambda(0, f64::INFINITY).unwrap_err().to_string();
+    assert!(e.contains("pair 0") && e.contains("lambda"), "{e}");
+    assert_eq!(
+        d.lambdas(),
+        vec![1.0, 3.0],
+        "a refused change changed a weight"
+    );
+
+    // positional tuples and named pairs give the same module
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let _ = VidDistiller::new(
+        &vs2.root() / "vid",
+        &[(3, 5, 1.0), (4, 2, 0.5)],
+        Default::default(),
+    );
+    assert_eq!(shapes(&vs), shapes(&vs2));
+    assert!(VidDistiller::f_with_pairs(
+        &vs2.root() / "bad",
+        &[VidPair::new(3, 5, f64::NAN)],
+        Default::default()
+    )
+    .is_err());
+}
+
+#[test]
+#[should_panic(expected = "1 student tensors for 2 VID pairs")]
+fn forward_each_panics_on_bad_input() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let d = VidDistiller::new(vs.root(), &[(3, 5, 1.0), (4, 2, 1.0)], Default::default());
+    let _ = d.forward_each(&[randn(&[2, 3, 4, 4])], &[randn(&[2, 5, 4, 4])]);
 }

@@ -217,6 +217,9 @@ impl Student {
     }
 }
 
+/// The optimizer group of the VID `log_scale` when it has a learning rate of its own.
+const VID_GROUP: usize = 1;
+
 #[derive(Debug, Clone, Copy)]
 pub struct TrainSettings {
     pub steps: usize,
@@ -225,6 +228,8 @@ pub struct TrainSettings {
     pub temperature: f64,
     pub vid_lambda: f64,
     pub vid_init_variance: f64,
+    /// Adam learning rate of the VID `log_scale` (its own optimizer group); `None`: `lr`.
+    pub vid_lr: Option<f64>,
     pub fitnet_weight: f64,
     pub at_weight: f64,
 }
@@ -274,6 +279,8 @@ pub struct StudentResult {
     pub test_accuracy: f64,
     /// Mean per-channel VID variance at the end (VID methods only).
     pub vid_variance: Option<f64>,
+    /// The smallest and largest per-channel VID variance at the end (VID methods only).
+    pub vid_variance_range: Option<(f64, f64)>,
 }
 
 pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f64 {
@@ -321,6 +328,8 @@ pub fn train_student(
     });
     let vid_cfg = VidConfig {
         init_variance: s.vid_init_variance,
+        // The variance gets its own learning rate through an optimizer group of its own.
+        log_scale_group: s.vid_lr.map(|_| VID_GROUP),
         ..Default::default()
     };
     let vid = if method.uses_vid() {
@@ -338,6 +347,9 @@ pub fn train_student(
         None
     };
     let mut opt = nn::Adam::default().build(&vs, s.lr)?;
+    if let (Some(vid_lr), Some(_)) = (s.vid_lr, &vid) {
+        opt.set_lr_group(VID_GROUP, vid_lr);
+    }
 
     let n = subset.size()[0];
     let batch = s.batch.min(n);
@@ -381,5 +393,9 @@ pub fn train_student(
         vid_variance: vid
             .as_ref()
             .map(|v| v.variance().mean(Kind::Double).double_value(&[])),
+        vid_variance_range: vid.as_ref().map(|v| {
+            let var = v.variance();
+            (var.min().double_value(&[]), var.max().double_value(&[]))
+        }),
     })
 }

@@ -169,8 +169,8 @@ pub fn markdown(
     let _ = writeln!(
         s,
         "Settings: {} Adam steps (lr {}, batch {}) per student; KD T = {}, 0.1 CE + 0.9 KD; \
-         FitNet weight {}; AT weight {}; VID lambda {}, initial variance {}. \
-         {} libtorch threads; wall time {:.1} s.",
+         FitNet weight {}; AT weight {}; VID lambda {}, initial variance {}, \
+         variance learning rate {}. {} libtorch threads; wall time {:.1} s.",
         info.steps,
         st.lr,
         st.batch,
@@ -179,6 +179,7 @@ pub fn markdown(
         st.at_weight,
         st.vid_lambda,
         st.vid_init_variance,
+        st.vid_lr.unwrap_or(st.lr),
         info.threads,
         info.wall_seconds
     );

@@ -37,7 +37,6 @@ pub(crate) struct DeviceKernels {
     context: Arc<CudaContext>,
     target: Target,
     parts: [PartSlot; 5],
-    multiprocessors: usize,
 }
 
 fn driver_error(call: &'static str) -> impl Fn(driver::DriverError) -> VidError {
@@ -73,16 +72,12 @@ fn open(ordinal: usize) -> Result<DeviceKernels> {
     let capability = context
         .compute_capability()
         .map_err(driver_error("cuDeviceGetAttribute"))?;
-    let multiprocessors = context
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(driver_error("cuDeviceGetAttribute"))? as usize;
     let target = nvrtc::select_target(capability, &nvrtc::supported_archs()?)?;
     Ok(DeviceKernels {
         ordinal,
         context,
         target,
         parts: Default::default(),
-        multiprocessors,
     })
 }
 
@@ -279,9 +274,5 @@ impl KernelLauncher for StreamLauncher<'_> {
             kernel: kernel.into(),
             message: format!("{e:?}"),
         })
-    }
-
-    fn multiprocessors(&self) -> usize {
-        self.kernels.multiprocessors
     }
 }

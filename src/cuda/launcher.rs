@@ -25,7 +25,4 @@ pub struct LaunchConfig {
 pub trait KernelLauncher {
     /// Launches `kernel` asynchronously (on a GPU: on PyTorch's current stream).
     fn launch(&self, kernel: &str, config: LaunchConfig, params: &mut [*mut c_void]) -> Result<()>;
-
-    /// How many multiprocessors the device has, to size grids so that every one gets work.
-    fn multiprocessors(&self) -> usize;
 }

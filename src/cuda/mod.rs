@@ -1,7 +1,7 @@
 //! The CUDA backend: NVRTC-compiled kernels (kernels/*.cu) launched on libtorch's memory and
 //! on PyTorch's current stream.
 //!
-//! Layers: `plan` decides launches for a problem and is generic over [`KernelLauncher`];
+//! Layers: `plan` decides launches for a problem and is generic over `KernelLauncher`;
 //! `driver` implements that launcher with the CUDA driver; [`nvrtc`] compiles the sources;
 //! `probe` finds the libraries without panicking.
 
@@ -11,11 +11,19 @@ mod launcher;
 pub mod nvrtc;
 pub(crate) mod plan;
 
+/// Test hook (`test-hooks` feature): the names of every kernel the launch plan uses.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 pub use plan::kernel_names;
 mod probe;
 
 use tch::{Device, Tensor};
 
+#[cfg(not(feature = "test-hooks"))]
+pub(crate) use launcher::KernelLauncher;
+/// Test hooks (`test-hooks` feature): the launch interface the host emulation implements.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 pub use launcher::{KernelLauncher, LaunchConfig};
 
 use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};

@@ -14,7 +14,7 @@ const COMMON_CUH: &str = include_str!("../../kernels/common.cuh");
 const VID_CU: &str = include_str!("../../kernels/vid.cu");
 
 /// Name under which the program is compiled (shows in the log).
-pub const PROGRAM_NAME: &str = "vid.cu";
+pub(crate) const PROGRAM_NAME: &str = "vid.cu";
 
 /// The architectures the kernels are checked against (NVRTC 13's lowest is sm_75).
 pub const CHECKED_ARCHS: [&str; 4] = ["sm_75", "sm_80", "sm_89", "sm_90"];
@@ -173,8 +173,12 @@ pub fn compile(arch: &str) -> Result<CompiledKernels> {
     compile_source(PROGRAM_NAME, &kernel_source(), arch)
 }
 
-/// Compiles any self-contained CUDA source with the crate's options (for experiments).
-pub fn compile_source(program_name: &str, source: &str, arch: &str) -> Result<CompiledKernels> {
+/// Compiles any self-contained CUDA source with the crate's options.
+pub(crate) fn compile_source(
+    program_name: &str,
+    source: &str,
+    arch: &str,
+) -> Result<CompiledKernels> {
     compile_with(program_name, source, arch, &compile_options(arch), false)
 }
 
@@ -259,7 +263,10 @@ fn c_chars_to_string(raw: &[c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// One kernel's resources, from ptxas' report in the NVRTC log.
+/// One kernel's resources, from ptxas' report in the NVRTC log (test hook: `test-hooks`
+/// feature).
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelResources {
     /// The kernel's name.
@@ -278,6 +285,9 @@ pub struct KernelResources {
 
 /// Parses ptxas' `-v` report ("Compiling entry function 'k' ...", "N bytes stack frame, N bytes
 /// spill stores, N bytes spill loads", "Used N registers, ... N bytes smem ...").
+/// Test hook (`test-hooks` feature).
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
 pub fn resource_report(log: &str) -> Vec<KernelResources> {
     let mut kernels: Vec<KernelResources> = Vec::new();
     for line in log.lines() {

@@ -54,11 +54,6 @@ impl KernelLauncher for EmuLauncher {
             ),
         })
     }
-
-    /// Few multiprocessors: keeps grids small, and makes the plan split rows into many blocks.
-    fn multiprocessors(&self) -> usize {
-        2
-    }
 }
 
 impl EmuLauncher {
