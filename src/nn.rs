@@ -91,7 +91,7 @@ use std::borrow::Borrow;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::{f_vid_loss, Reduction, VidError, VidOptions};
+use crate::{f_vid_loss, f_vid_loss_grouped, Reduction, VidError, VidOptions, VidTerm};
 
 /// Configuration of a [`VidLoss`]; build it with `Default` and struct-update syntax, as
 /// tch's own configs (`nn::ConvConfig`, `nn::LinearConfig`). The op's own [`VidOptions`] is
@@ -740,6 +740,13 @@ impl VidLoss {
     /// assert!(vid.f_forward(&s, &t).is_err());
     /// ```
     pub fn f_forward(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor, VidError> {
+        let x = self.op_inputs(student, teacher)?;
+        f_vid_loss(&x.mean, &x.target, &x.log_scale, &self.cfg.options())
+    }
+
+    /// The op's arguments for `student` against `teacher`: the regressed mean, the detached
+    /// (pooled, cast) teacher and `log_scale` as the op takes it.
+    fn op_inputs(&self, student: &Tensor, teacher: &Tensor) -> Result<OpInputs, VidError> {
         // Checked by check_input below; an integer student is refused there.
         let kind = student.f_kind()?;
         match &self.regressor {
@@ -794,7 +801,11 @@ impl VidLoss {
                     t
                 };
                 let t = t.f_to_kind(kind)?;
-                f_vid_loss(&mean, &t, &self.op_log_scale(kind)?, &self.cfg.options())
+                Ok(OpInputs {
+                    mean,
+                    target: t,
+                    log_scale: self.op_log_scale(kind)?,
+                })
             }
             Regressor::Linear { .. } => {
                 self.check_input("student", student, 2, self.student_dim)?;
@@ -811,7 +822,11 @@ impl VidLoss {
                     ));
                 }
                 let t = teacher.detach().f_to_kind(kind)?;
-                f_vid_loss(&mean, &t, &self.op_log_scale(kind)?, &self.cfg.options())
+                Ok(OpInputs {
+                    mean,
+                    target: t,
+                    log_scale: self.op_log_scale(kind)?,
+                })
             }
         }
     }
@@ -822,6 +837,13 @@ impl VidLoss {
         self.f_forward(student, teacher)
             .unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// What a [`VidLoss`] hands to the op for one call.
+struct OpInputs {
+    mean: Tensor,
+    target: Tensor,
+    log_scale: Tensor,
 }
 
 /// One VID-I layer pair of a [`VidDistiller`]: the student's and the teacher's channel
@@ -1017,12 +1039,12 @@ impl VidDistiller {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Each pair's unweighted loss (for logging); errors as [`VidDistiller::f_forward`].
-    pub fn f_forward_each(
+    /// Checks the counts, then each pair's op inputs (errors name the pair).
+    fn op_inputs(
         &self,
         students: &[Tensor],
         teachers: &[Tensor],
-    ) -> Result<Vec<Tensor>, VidError> {
+    ) -> Result<Vec<OpInputs>, VidError> {
         if students.len() != self.pairs.len() {
             return Err(VidError::invalid(
                 "students",
@@ -1048,21 +1070,34 @@ impl VidDistiller {
             .zip(students.iter().zip(teachers))
             .enumerate()
             .map(|(k, ((vid, _), (s, t)))| {
-                let loss = vid.f_forward(s, t).map_err(|e| match e {
-                    VidError::InvalidArgument { arg, message } => VidError::InvalidArgument {
-                        arg: if arg == "teacher" { "teachers" } else { "students" },
-                        message: format!("pair {k}: `{arg}`: {message}"),
-                    },
-                    other => other,
-                })?;
-                if loss.dim() != 0 {
+                if vid.cfg.reduction == Reduction::None {
                     return Err(VidError::invalid(
                         "students",
                         format!("pair {k}: its loss is not reduced (Reduction::None); a distiller needs scalar losses"),
                     ));
                 }
-                Ok(loss)
+                vid.op_inputs(s, t).map_err(|e| match e {
+                    VidError::InvalidArgument { arg, message } => VidError::InvalidArgument {
+                        arg: if arg == "teacher" { "teachers" } else { "students" },
+                        message: format!("pair {k}: `{arg}`: {message}"),
+                    },
+                    other => other,
+                })
             })
+            .collect()
+    }
+
+    /// Each pair's unweighted loss (for logging); errors as [`VidDistiller::f_forward`].
+    pub fn f_forward_each(
+        &self,
+        students: &[Tensor],
+        teachers: &[Tensor],
+    ) -> Result<Vec<Tensor>, VidError> {
+        let inputs = self.op_inputs(students, teachers)?;
+        inputs
+            .iter()
+            .zip(&self.pairs)
+            .map(|(x, (vid, _))| f_vid_loss(&x.mean, &x.target, &x.log_scale, &vid.cfg.options()))
             .collect()
     }
 
@@ -1072,24 +1107,49 @@ impl VidDistiller {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// The weighted sum `sum_k lambda_k * L_k` of the pairs' losses; `students[k]` and
-    /// `teachers[k]` go to pair `k`. Returns an error when the counts differ from the
+    /// The weighted sum `sum_k lambda_k * L_k` of the pairs' losses, as one grouped op
+    /// ([`crate::f_vid_loss_grouped`]: one pass over all pairs, one autograd node);
+    /// `students[k]` and `teachers[k]` go to pair `k`. The loss has the features' dtype when
+    /// every pair's is the same, else f32. Returns an error when the counts differ from the
     /// number of pairs (or there is none), or a pair's shapes do not match (the message
     /// names the pair).
     pub fn f_forward(&self, students: &[Tensor], teachers: &[Tensor]) -> Result<Tensor, VidError> {
         if self.pairs.is_empty() {
             return Err(VidError::invalid("self", "the distiller has no VID pair"));
         }
-        let losses = self.f_forward_each(students, teachers)?;
+        let inputs = self.op_inputs(students, teachers)?;
+        // One grouped op for all pairs (one per distinct set of options, when pairs were
+        // pushed with different configs).
+        let mut groups: Vec<(VidOptions, Vec<VidTerm<'_>>)> = Vec::new();
+        for (x, (vid, lambda)) in inputs.iter().zip(&self.pairs) {
+            let term = VidTerm {
+                mean: &x.mean,
+                target: &x.target,
+                log_scale: &x.log_scale,
+                weight: *lambda,
+            };
+            let opts = vid.cfg.options();
+            match groups.iter_mut().find(|(o, _)| *o == opts) {
+                Some((_, terms)) => terms.push(term),
+                None => groups.push((opts, vec![term])),
+            }
+        }
         let mut total: Option<Tensor> = None;
-        for (loss, (_, lambda)) in losses.into_iter().zip(&self.pairs) {
-            let term = loss.f_mul_scalar(*lambda)?;
+        for (opts, terms) in &groups {
+            let sum = f_vid_loss_grouped(terms, opts)?;
             total = Some(match total {
-                None => term,
-                Some(acc) => acc.f_add(&term)?,
+                None => sum,
+                Some(acc) => acc.f_add(&sum)?,
             });
         }
-        Ok(total.expect("at least one pair"))
+        let total = total.ok_or_else(|| VidError::Internal("no pair".into()))?;
+        // The features' dtype when every pair has the same one, as for a single pair.
+        let kind = inputs[0].mean.kind();
+        if inputs.iter().all(|x| x.mean.kind() == kind) && total.kind() != kind {
+            Ok(total.f_to_kind(kind)?)
+        } else {
+            Ok(total)
+        }
     }
 
     /// The weighted sum of the pairs' losses (panicking form of [`VidDistiller::f_forward`]).

@@ -783,3 +783,51 @@ fn forward_each_panics_on_bad_input() {
     let d = VidDistiller::new(vs.root(), &[(3, 5, 1.0), (4, 2, 1.0)], Default::default());
     let _ = d.forward_each(&[randn(&[2, 3, 4, 4])], &[randn(&[2, 5, 4, 4])]);
 }
+
+/// The distiller's forward is one grouped op: the same value as the weighted sum of each
+/// pair's own loss, and the same gradients for the regressors and log_scale.
+#[test]
+fn distiller_forward_is_the_weighted_sum_of_its_pairs() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let d = VidDistiller::new(
+        vs.root() / "vid",
+        &[(4, 8, 1.0), (6, 5, 0.25), (3, 16, 2.0)],
+        Default::default(),
+    );
+    let o = (Kind::Float, Device::Cpu);
+    let s = [
+        Tensor::randn([2, 4, 6, 6], o),
+        Tensor::randn([2, 6, 4, 4], o),
+        Tensor::randn([2, 3, 2, 2], o),
+    ];
+    let t = [
+        Tensor::randn([2, 8, 6, 6], o),
+        Tensor::randn([2, 5, 2, 2], o),
+        Tensor::randn([2, 16, 2, 2], o),
+    ];
+    let grouped = d.forward(&s, &t);
+    let each = d.forward_each(&s, &t);
+    let summed = each
+        .iter()
+        .zip([1.0, 0.25, 2.0])
+        .map(|(l, w)| l.to_kind(Kind::Double) * w)
+        .reduce(|a, b| a + b)
+        .unwrap();
+    let (g, e) = (grouped.double_value(&[]), summed.double_value(&[]));
+    assert!((g - e).abs() <= 1e-6 * e.abs(), "grouped {g} vs summed {e}");
+    let params: Vec<Tensor> = vs.trainable_variables();
+    let refs: Vec<&Tensor> = params.iter().collect();
+    let g1 = Tensor::run_backward(&[&grouped], &refs, false, false);
+    let g2 = Tensor::run_backward(&[&summed], &refs, false, false);
+    for (a, b) in g1.iter().zip(&g2) {
+        let diff = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
+        let scale = b.to_kind(Kind::Double).abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-5 * scale + 1e-12,
+            "gradient differs: {diff} (scale {scale})"
+        );
+    }
+}
