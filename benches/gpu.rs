@@ -50,6 +50,23 @@ fn time_ms(mut f: impl FnMut()) -> f64 {
 }
 
 /// The loss in plain tch ops (what a tch user writes without vidfuse).
+/// Median milliseconds per replay of `f` captured in a CUDA graph: the device time of the
+/// kernels alone, without the host work of a call (validation, planning, launches).
+fn graph_time_ms(f: impl Fn()) -> f64 {
+    graph::with_new_stream(0, || {
+        f(); // warm-up outside the capture: allocator blocks, autograd threads
+        f();
+        let mut g = graph::CudaGraph::new().expect("graph");
+        g.capture(|| {
+            f();
+            Ok(())
+        })
+        .expect("capture");
+        time_ms(|| g.replay().expect("replay"))
+    })
+    .expect("side stream")
+}
+
 fn plain_vid(mean: &Tensor, target: &Tensor, log_scale: &Tensor) -> Tensor {
     let mut view = vec![1i64; mean.dim()];
     view[1] = -1;
@@ -151,7 +168,7 @@ fn main() {
         }
     }
 
-    let header = "shape,dtype,layout,elems,fused_fwd_ms,fused_bwd_ms,fused_fwd_bwd_ms,plain_fwd_ms,plain_fwd_bwd_ms,fwd_copy_pct,bwd_copy_pct,speedup_fwd_bwd";
+    let header = "shape,dtype,layout,elems,fused_fwd_ms,fused_bwd_ms,fused_fwd_bwd_ms,plain_fwd_ms,plain_fwd_bwd_ms,fwd_copy_pct,bwd_copy_pct,speedup_fwd_bwd,graph_fwd_ms,graph_fwd_bwd_ms,graph_fwd_copy_pct,graph_bwd_copy_pct";
     let mut csv = vec![header.to_string()];
     println!(
         "{:>16} {:>5} {:>4} | {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>7}",
@@ -186,10 +203,23 @@ fn main() {
             let loss = plain_vid(&mean, &target, &log_scale);
             let _ = Tensor::run_backward(&[&loss], &[&mean, &log_scale], false, false);
         });
+        // The same calls replayed from a CUDA graph: kernel time only.
+        let graph_fwd = graph_time_ms(|| {
+            let _loss = tch::no_grad(|| f_vid_loss(&mean, &target, &log_scale, &opts).unwrap());
+        });
+        let graph_fwd_bwd = graph_time_ms(|| {
+            let loss = f_vid_loss(&mean, &target, &log_scale, &opts).unwrap();
+            let _ = Tensor::run_backward(&[&loss], &[&mean, &log_scale], false, false);
+        });
         let bwd = fwd_bwd - fwd;
         // Minimum bytes: forward reads mean and target; backward reads both, writes d/dmean.
         let pct = |bytes: f64, ms: f64| 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs;
         let (fwd_pct, bwd_pct) = (pct(2.0 * elems * esize, fwd), pct(3.0 * elems * esize, bwd));
+        let graph_bwd = graph_fwd_bwd - graph_fwd;
+        let (graph_fwd_pct, graph_bwd_pct) = (
+            pct(2.0 * elems * esize, graph_fwd),
+            pct(3.0 * elems * esize, graph_bwd),
+        );
         let shape = case
             .shape
             .iter()
@@ -198,12 +228,12 @@ fn main() {
             .join("x");
         let dtype = format!("{:?}", case.kind).to_lowercase();
         println!(
-            "{shape:>16} {dtype:>5} {:>4} | {fwd:9.4} {bwd:9.4} {fwd_bwd:9.4} | {plain_fwd:9.4} {plain_fwd_bwd:9.4} | {fwd_pct:6.1}% {bwd_pct:6.1}% | {:6.2}x",
+            "{shape:>16} {dtype:>5} {:>4} | {fwd:9.4} {bwd:9.4} {fwd_bwd:9.4} | {plain_fwd:9.4} {plain_fwd_bwd:9.4} | {fwd_pct:6.1}% {bwd_pct:6.1}% | {:6.2}x | graph {graph_fwd_pct:5.1}% {graph_bwd_pct:5.1}%",
             case.layout,
             plain_fwd_bwd / fwd_bwd
         );
         csv.push(format!(
-            "{shape},{dtype},{},{},{fwd:.5},{bwd:.5},{fwd_bwd:.5},{plain_fwd:.5},{plain_fwd_bwd:.5},{fwd_pct:.1},{bwd_pct:.1},{:.3}",
+            "{shape},{dtype},{},{},{fwd:.5},{bwd:.5},{fwd_bwd:.5},{plain_fwd:.5},{plain_fwd_bwd:.5},{fwd_pct:.1},{bwd_pct:.1},{:.3},{graph_fwd:.5},{graph_fwd_bwd:.5},{graph_fwd_pct:.1},{graph_bwd_pct:.1}",
             case.layout,
             elems as u64,
             plain_fwd_bwd / fwd_bwd
@@ -213,6 +243,7 @@ fn main() {
         std::fs::write(&path, csv.join("\n") + "\n").expect("write csv");
         println!("wrote {path}");
     }
+    pairs4(device);
     let arg = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -282,4 +313,63 @@ fn size_sweep(device: Device, copy_gbs: f64) -> Vec<sweep::Row> {
         }
     }
     rows
+}
+
+/// Four layer pairs of [128, 64, 8, 8] (the grouped-op case), forward + backward per step:
+/// one grouped call, four single calls, the same loss in plain tch ops, and the grouped step
+/// replayed from a CUDA graph. Kernel launches per step: grouped 4 (2 forward, 2 backward),
+/// single 16 and up.
+fn pairs4(device: Device) {
+    use vidfuse::{f_vid_loss_grouped, VidTerm};
+    println!("4 pairs of [128, 64, 8, 8], forward + backward per step (ms):");
+    let opts = VidOptions::default();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let pairs: Vec<(Tensor, Tensor, Tensor)> = (0..4)
+            .map(|_| {
+                let m = Tensor::randn([128, 64, 8, 8], (kind, device)).set_requires_grad(true);
+                let t = Tensor::randn([128, 64, 8, 8], (kind, device));
+                let a = Tensor::ones([64], (Kind::Float, device)).set_requires_grad(true);
+                (m, t, a)
+            })
+            .collect();
+        let inputs: Vec<&Tensor> = pairs.iter().flat_map(|(m, _, a)| [m, a]).collect();
+        let grouped_step = || {
+            let terms: Vec<VidTerm<'_>> = pairs
+                .iter()
+                .map(|(m, t, a)| VidTerm {
+                    mean: m,
+                    target: t,
+                    log_scale: a,
+                    weight: 1.0,
+                })
+                .collect();
+            let loss = f_vid_loss_grouped(&terms, &opts).unwrap();
+            let _ = Tensor::run_backward(&[&loss], &inputs, false, false);
+        };
+        let single_step = || {
+            let loss = pairs
+                .iter()
+                .map(|(m, t, a)| f_vid_loss(m, t, a, &opts).unwrap().to_kind(Kind::Float))
+                .reduce(|x, y| x + y)
+                .unwrap();
+            let _ = Tensor::run_backward(&[&loss], &inputs, false, false);
+        };
+        let plain_step = || {
+            let loss = pairs
+                .iter()
+                .map(|(m, t, a)| plain_vid(m, t, a))
+                .reduce(|x, y| x + y)
+                .unwrap();
+            let _ = Tensor::run_backward(&[&loss], &inputs, false, false);
+        };
+        let (g, s, p) = (
+            time_ms(grouped_step),
+            time_ms(single_step),
+            time_ms(plain_step),
+        );
+        let replayed = graph_time_ms(grouped_step);
+        println!(
+            "  {kind:?}: grouped {g:.4}, single {s:.4}, plain tch {p:.4}, grouped graph-replayed {replayed:.4}"
+        );
+    }
 }
