@@ -371,6 +371,22 @@ template <typename S> __device__ __forceinline__ int find_segment(const S *seg, 
     return s;
 }
 
+// This block's place in a grouped launch of O(C) kernels: its segment, its index among the
+// segment's blocks, and how many blocks the segment has (the last one runs to gridDim.x).
+template <typename S> struct SegmentBlock {
+    const S &seg;
+    long long block;
+    long long blocks;
+};
+
+template <typename S>
+__device__ __forceinline__ SegmentBlock<S> segment_block(const S *seg, long long count) {
+    const int s = find_segment(seg, count);
+    const long long next = s + 1 < count ? seg[s + 1].block_begin : (long long)gridDim.x;
+    return SegmentBlock<S>{seg[s], (long long)blockIdx.x - seg[s].block_begin,
+                           next - seg[s].block_begin};
+}
+
 template <typename T, class Op> __device__ void group_traverse(const TraverseGroupArgs &g) {
     if (g.done != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
         *g.done = 0u;
@@ -508,14 +524,11 @@ __device__ void loss_epilogue(const ChannelSumGroupArgs &g) {
 }
 
 __device__ void group_channel_sum(const ChannelSumGroupArgs &g) {
-    const int s = find_segment(g.seg, g.count);
-    const SumSegment &seg = g.seg[s];
-    const long long next = s + 1 < g.count ? g.seg[s + 1].block_begin : (long long)gridDim.x;
-    const long long block = (long long)blockIdx.x - seg.block_begin;
-    if (seg.acc_f64) {
-        channel_sums<double>(seg, block, next - seg.block_begin);
+    const SegmentBlock<SumSegment> at = segment_block(g.seg, g.count);
+    if (at.seg.acc_f64) {
+        channel_sums<double>(at.seg, at.block, at.blocks);
     } else {
-        channel_sums<float>(seg, block, next - seg.block_begin);
+        channel_sums<float>(at.seg, at.block, at.blocks);
     }
     if (!g.epilogue) {
         return;
@@ -590,14 +603,11 @@ template <typename A> __device__ void log_scale_grad(const LogScaleSegment &a, l
 }
 
 __device__ void group_log_scale_grad(const LogScaleGroupArgs &g) {
-    const int s = find_segment(g.seg, g.count);
-    const LogScaleSegment &seg = g.seg[s];
-    const long long next = s + 1 < g.count ? g.seg[s + 1].block_begin : (long long)gridDim.x;
-    const long long block = (long long)blockIdx.x - seg.block_begin;
-    if (seg.acc_f64) {
-        log_scale_grad<double>(seg, block, next - seg.block_begin);
+    const SegmentBlock<LogScaleSegment> at = segment_block(g.seg, g.count);
+    if (at.seg.acc_f64) {
+        log_scale_grad<double>(at.seg, at.block, at.blocks);
     } else {
-        log_scale_grad<float>(seg, block, next - seg.block_begin);
+        log_scale_grad<float>(at.seg, at.block, at.blocks);
     }
 }
 
@@ -637,14 +647,11 @@ template <typename A> __device__ void channel_table(const TableSegment &a, long 
 }
 
 __device__ void group_channel_table(const TableGroupArgs &g) {
-    const int s = find_segment(g.seg, g.count);
-    const TableSegment &seg = g.seg[s];
-    const long long next = s + 1 < g.count ? g.seg[s + 1].block_begin : (long long)gridDim.x;
-    const long long block = (long long)blockIdx.x - seg.block_begin;
-    if (seg.acc_f64) {
-        channel_table<double>(seg, block, next - seg.block_begin);
+    const SegmentBlock<TableSegment> at = segment_block(g.seg, g.count);
+    if (at.seg.acc_f64) {
+        channel_table<double>(at.seg, at.block, at.blocks);
     } else {
-        channel_table<float>(seg, block, next - seg.block_begin);
+        channel_table<float>(at.seg, at.block, at.blocks);
     }
 }
 

@@ -56,12 +56,10 @@ fn recycled_output_buffers_are_reused_correct_and_releasable() {
 /// handful of buffers, not one per size.
 fn nearby_sizes_share_buffers() {
     vidfuse::cpu::empty_cache();
-    let opts = VidOptions::default().reduction(Reduction::None);
     let mut largest = 0;
     for batch in 64..128i64 {
         let shape = [batch, 16, 16, 16];
-        let (m, t, a, _) = leaf_inputs(&shape, Kind::Float, Kind::Float, Mem::Contiguous, &opts);
-        drop(vidfuse::vid_loss(&m, &t, &a, &opts));
+        drop(per_element_loss(&shape));
         largest = largest.max((batch * 16 * 16 * 16 * 4) as usize);
     }
     // Sizes 1-2 MiB fall into 8 size classes of at most `largest` * 1.125 bytes each.
@@ -73,8 +71,7 @@ fn nearby_sizes_share_buffers() {
     // And they are reused: the same sizes again allocate nothing new.
     for batch in 64..128i64 {
         let shape = [batch, 16, 16, 16];
-        let (m, t, a, _) = leaf_inputs(&shape, Kind::Float, Kind::Float, Mem::Contiguous, &opts);
-        drop(vidfuse::vid_loss(&m, &t, &a, &opts));
+        drop(per_element_loss(&shape));
     }
     assert_eq!(vidfuse::cpu::cached_bytes(), cached);
     vidfuse::cpu::empty_cache();
@@ -83,35 +80,23 @@ fn nearby_sizes_share_buffers() {
 fn the_limit_is_settable_and_evicts_the_oldest() {
     let default = vidfuse::cpu::cache_limit();
     assert_eq!(default, vidfuse::cpu::MAX_CACHED_BYTES);
-    let opts = VidOptions::default().reduction(Reduction::None);
     let mib = 1 << 20;
     vidfuse::cpu::set_cache_limit(5 * mib / 2);
     // Three outputs of 1 MiB alive at once, then freed: the third does not fit the limit,
     // and the oldest is evicted.
-    let outputs: Vec<_> = (0..3)
-        .map(|_| {
-            let (m, t, a, _) = leaf_inputs(
-                &[4, 64, 32, 32],
-                Kind::Float,
-                Kind::Float,
-                Mem::Contiguous,
-                &opts,
-            );
-            vidfuse::vid_loss(&m, &t, &a, &opts)
-        })
-        .collect();
+    let outputs: Vec<_> = (0..3).map(|_| per_element_loss(&[4, 64, 32, 32])).collect();
     drop(outputs);
     assert_eq!(vidfuse::cpu::cached_bytes(), 2 * mib);
     vidfuse::cpu::set_cache_limit(0);
     assert_eq!(vidfuse::cpu::cached_bytes(), 0);
-    let (m, t, a, _) = leaf_inputs(
-        &[4, 64, 32, 32],
-        Kind::Float,
-        Kind::Float,
-        Mem::Contiguous,
-        &opts,
-    );
-    drop(vidfuse::vid_loss(&m, &t, &a, &opts));
+    drop(per_element_loss(&[4, 64, 32, 32]));
     assert_eq!(vidfuse::cpu::cached_bytes(), 0, "cached with limit 0");
     vidfuse::cpu::set_cache_limit(default);
+}
+
+/// The per-element loss (an output of the CPU path's cache) of fresh f32 inputs.
+fn per_element_loss(shape: &[i64]) -> tch::Tensor {
+    let opts = VidOptions::default().reduction(Reduction::None);
+    let (m, t, a, _) = leaf_inputs(shape, Kind::Float, Kind::Float, Mem::Contiguous, &opts);
+    vidfuse::vid_loss(&m, &t, &a, &opts)
 }
