@@ -479,28 +479,83 @@ __device__ __forceinline__ double load_acc(const void *p, long long i, bool f64)
     return (double)static_cast<const volatile float *>(p)[i];
 }
 
-template <typename A> __device__ void channel_sums(const SumSegment &a, long long block, long long blocks) {
+// Channels summed by one block when each (chunk, channel) has one partial (inner == 1):
+// lane l of every warp reads channel c0 + l, so a warp's loads are consecutive addresses.
+const int kChannelsPerBlock = 32;
+
+// Partials of channels [c0, c0 + 32) when inner == 1: warp w sums chunks w, w + 8, ... (four
+// loads in flight per lane), then warp 0 adds the 8 warps' sums in a fixed order.
+template <typename A>
+__device__ void channel_sums_across(const SumSegment &a, long long c0, long long k) {
+    VF_SHARED_ARRAY(A, warp_sums, kBlock);
     const A *partial = static_cast<const A *>(a.partial);
-    const long long items = a.outer * a.inner;
-    // The loop bound is uniform across the block, so the barriers in block_sum are safe.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const long long c = c0 + lane;
+    A s = A(0);
+    if (c < a.channels) {
+        const long long stride = a.channels * a.sums; // between chunks
+        const A *p = partial + c * a.sums + k;
+        long long o = warp;
+        for (; o + 3 * warps < a.outer; o += 4 * warps) {
+            const A v0 = p[o * stride], v1 = p[(o + warps) * stride];
+            const A v2 = p[(o + 2 * warps) * stride], v3 = p[(o + 3 * warps) * stride];
+            s += ((v0 + v1) + (v2 + v3));
+        }
+        for (; o < a.outer; o += warps) {
+            s += p[o * stride];
+        }
+    }
+    __syncthreads(); // warp_sums may still be read for the previous channels
+    VF_SHARED(warp_sums, threadIdx.x) = s;
+    __syncthreads();
+    if (warp == 0 && c < a.channels) {
+        A total = A(0);
+        for (int w = 0; w < warps; ++w) {
+            total += VF_SHARED(warp_sums, w * 32 + lane);
+        }
+        static_cast<A *>(a.out)[c * a.sums + k] = total;
+    }
+}
+
+// Partials of channel c when inner > 1: warp w takes chunks w, w + 8, ...; its lanes read
+// the chunk's `inner` consecutive partials of the channel; then a fixed-order block sum.
+template <typename A> __device__ void channel_sums_within(const SumSegment &a, long long c, long long k) {
+    const A *partial = static_cast<const A *>(a.partial);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    A s = A(0);
+    for (long long o = warp; o < a.outer; o += warps) {
+        const A *row = partial + ((o * a.channels + c) * a.inner) * a.sums + k;
+        for (long long j = lane; j < a.inner; j += 32) {
+            s += row[j * a.sums];
+        }
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) {
+        static_cast<A *>(a.out)[c * a.sums + k] = s;
+    }
+}
+
+// Per-channel sums of one segment's partials (partial[((o * C + c) * inner + j) * sums + k]),
+// with coalesced reads and no division in the loops. Loop bounds are uniform across the
+// block, so the barriers inside are safe.
+template <typename A> __device__ void channel_sums(const SumSegment &a, long long block, long long blocks) {
+    if (a.inner == 1) {
+        for (long long c0 = block * kChannelsPerBlock; c0 < a.channels; c0 += blocks * kChannelsPerBlock) {
+            for (long long k = 0; k < a.sums; ++k) {
+                channel_sums_across<A>(a, c0, k);
+            }
+        }
+        return;
+    }
     for (long long c = block; c < a.channels; c += blocks) {
         for (long long k = 0; k < a.sums; ++k) {
-            A s = A(0);
-            for (long long i = threadIdx.x; i < items; i += blockDim.x) {
-                const long long o = i / a.inner;
-                const long long j = i - o * a.inner;
-                s += partial[((o * a.channels + c) * a.inner + j) * a.sums + k];
-            }
-            s = block_sum(s);
-            if (threadIdx.x == 0) {
-                static_cast<A *>(a.out)[c * a.sums + k] = s;
-            }
+            channel_sums_within<A>(a, c, k);
         }
     }
 }
 
 // One block: every segment's loss in a fixed order, then the weighted total.
-__device__ void loss_epilogue(const ChannelSumGroupArgs &g) {
+__device__ __noinline__ void loss_epilogue(const ChannelSumGroupArgs &g) {
     double total = 0.0;
     for (long long s = 0; s < g.count; ++s) {
         const SumSegment &a = g.seg[s];

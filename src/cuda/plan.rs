@@ -544,7 +544,14 @@ fn channel_sum_group<L: KernelLauncher + ?Sized>(
                 block_begin: blocks as i64,
                 ..*item
             };
-            blocks += (item.channels as usize).clamp(1, MAX_GRID_Y);
+            // kernels/vid.cu: 32 channels per block when each chunk has one partial per
+            // channel (inner == 1), else a block per channel.
+            let units = if item.inner == 1 {
+                (item.channels as usize).div_ceil(32)
+            } else {
+                item.channels as usize
+            };
+            blocks += units.clamp(1, MAX_GRID_Y);
         }
         launch_with(
             launcher,
