@@ -222,7 +222,26 @@ __device__ void warp_traverse(const TraverseArgs &a, long long block) {
         state.p0[v] = p0;
         state.p1[v] = p1;
     }
-    state.walk(a, begin + lane * V, 32 * V, begin + len);
+    long long bulk_begin = begin, bulk_end = begin + len;
+    if constexpr (V > 1) {
+        // A row of S elements, S not a multiple of the pack, starts or ends between pack
+        // boundaries: the at most V - 1 elements before the first boundary and after the
+        // last are walked one by one, the bulk in 16-byte packs (the launcher checked that
+        // every tensor's base is 16-byte aligned).
+        bulk_begin = min(begin + len, (begin + V - 1) / V * V);
+        bulk_end = max(bulk_begin, (begin + len) / V * V);
+        Lane<T, Op, 1> edge;
+        edge.zero();
+        edge.p0[0] = p0;
+        edge.p1[0] = p1;
+        edge.walk(a, begin + lane, 32, bulk_begin);
+        edge.walk(a, bulk_end + lane, 32, begin + len);
+#pragma unroll
+        for (int k = 0; k < Lane<T, Op, V>::KK; ++k) {
+            state.acc[0][k] += edge.acc[0][k];
+        }
+    }
+    state.walk(a, bulk_begin + lane * V, 32 * V, bulk_end);
 
     if constexpr (Op::K > 0) {
         A *partial = static_cast<A *>(a.partial);

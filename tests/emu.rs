@@ -69,15 +69,19 @@ fn emu_small_shapes_all_dtypes_layouts_reductions() {
 #[test]
 fn emu_warp_traversal_with_several_segments() {
     // NCHW rows of S >= 512 take the warp traversal; S = 4500 > 4096 gives two segments per
-    // row, and 4500 is a multiple of the f32 pack (4) but not of the f16/bf16 pack (8).
+    // row, and 4500 is a multiple of the f32 pack (4) but not of the f16/bf16 pack (8);
+    // S = 4501 and 515 are multiples of no pack, so every row after the first starts and ends
+    // between pack boundaries: 16-byte packs in the bulk, scalar heads and tails.
     let launcher = Arc::new(EmuLauncher::default());
-    check_shape(&launcher, &[2, 3, 4500], &[Mem::Contiguous]);
+    for shape in [[2i64, 3, 4500], [2, 3, 4501], [3, 2, 515]] {
+        check_shape(&launcher, &shape, &[Mem::Contiguous]);
+    }
     let launched = launcher.take_launched();
     for kernel in [
-        "vid_sumsq_group_f32[warp]",
-        "vid_grad_group_bf16[warp]",
-        "vid_grad_none_group_f16[warp]",
-        "vid_loss_group_f64[warp]",
+        "vid_sumsq_group_f32[warp+v]",
+        "vid_grad_group_bf16[warp+v]",
+        "vid_grad_none_group_f16[warp+v]",
+        "vid_loss_group_f64[warp+v]",
     ] {
         assert!(
             launched.iter().any(|k| k == kernel),
@@ -123,6 +127,11 @@ fn emu_misaligned_views_take_the_scalar_path() {
             }
         }
     }
+    let launched = launcher.take_launched();
+    assert!(
+        launched.iter().all(|k| !k.contains("+v")),
+        "misaligned views read in 16-byte packs: {launched:?}"
+    );
 }
 
 #[test]

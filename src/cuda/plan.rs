@@ -257,7 +257,9 @@ impl Traversal {
         let (n, c, s) = (geometry.batch, geometry.channels, geometry.inner);
         match geometry.layout {
             Layout::ChannelsFirst if s >= WARP_MIN_ROW => {
-                let vectorized = aligned && s % pack == 0;
+                // Rows whose length is not a multiple of the pack are walked in packs too,
+                // with scalar heads and tails (kernels/vid.cu: warp_traverse).
+                let vectorized = aligned;
                 let segments = s.div_ceil(WARP_SEGMENT);
                 let items = (n * c * segments) as u64;
                 let blocks = items.div_ceil(WARPS_PER_BLOCK) as usize;

@@ -63,9 +63,10 @@ impl EmuLauncher {
     }
 }
 
-/// The kernel's name, with the traversal of each segment for traversal launches:
-/// `vid_sumsq_group_f32[warp,tile]`. Reads `vf::TraverseGroupArgs`: `count` (8 bytes), `done`
-/// (8), then segments of 168 bytes whose `tile` flag follows the 144-byte `TraverseArgs`.
+/// The kernel's name, with the traversal of each segment for traversal launches, `+v` when
+/// it reads 16-byte packs: `vid_sumsq_group_f32[warp+v,tile]`. Reads
+/// `vf::TraverseGroupArgs`: `count` (8 bytes), `done` (8), then segments of 168 bytes whose
+/// `tile` flag follows the 144-byte `TraverseArgs` (whose `vectorized` flag is at byte 112).
 pub fn describe(kernel: &str, params: &[*mut c_void]) -> String {
     if !kernel.contains("_group_") {
         return kernel.to_string();
@@ -75,11 +76,13 @@ pub fn describe(kernel: &str, params: &[*mut c_void]) -> String {
     let count = unsafe { (base as *const i64).read_unaligned() } as usize;
     let kinds: Vec<&str> = (0..count)
         .map(|i| {
-            let tile = unsafe { (base.add(16 + i * 168 + 144) as *const i64).read_unaligned() };
-            if tile != 0 {
-                "tile"
-            } else {
-                "warp"
+            let field =
+                |at: usize| unsafe { (base.add(16 + i * 168 + at) as *const i64).read_unaligned() };
+            match (field(144) != 0, field(112) != 0) {
+                (true, true) => "tile+v",
+                (true, false) => "tile",
+                (false, true) => "warp+v",
+                (false, false) => "warp",
             }
         })
         .collect();
