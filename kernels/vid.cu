@@ -47,12 +47,15 @@ struct TraverseArgs {
 // the log_scale gradient kernel for `grad`), in the accumulation type: the streaming kernels
 // never evaluate softplus, log or a division in double.
 
-template <typename A>
-__device__ __forceinline__ void table_factors(const TraverseArgs &a, long long c, A &p0, A &p1) {
-    const A *table = static_cast<const A *>(a.table);
-    p0 = table[2 * c];
-    p1 = table[2 * c + 1];
-}
+// The ops that read their factors from the channel table.
+struct TableOp {
+    template <typename A>
+    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &p1) {
+        const A *table = static_cast<const A *>(a.table);
+        p0 = table[2 * c];
+        p1 = table[2 * c + 1];
+    }
+};
 
 // Q_c = sum d^2.
 struct OpSumSq {
@@ -70,14 +73,10 @@ struct OpSumSq {
 };
 
 // Per-element loss: p0 d^2 + p1, with p0 = 0.5/var, p1 = 0.5 ln var + constant.
-struct OpLoss {
+struct OpLoss : TableOp {
     static const int K = 0;
     static const bool kWrites = true;
     static const bool kReadsUpstream = false;
-    template <typename A>
-    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &p1) {
-        table_factors(a, c, p0, p1);
-    }
     template <typename A>
     static __device__ __forceinline__ A element(A p0, A p1, A m, A t, A, A *) {
         A d = m - t;
@@ -86,14 +85,10 @@ struct OpLoss {
 };
 
 // Gradient of mean for Mean/Sum: p0 d, with p0 = g w k / var.
-struct OpGrad {
+struct OpGrad : TableOp {
     static const int K = 0;
     static const bool kWrites = true;
     static const bool kReadsUpstream = false;
-    template <typename A>
-    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &p1) {
-        table_factors(a, c, p0, p1);
-    }
     template <typename A>
     static __device__ __forceinline__ A element(A p0, A, A m, A t, A, A *) {
         return p0 * (m - t);
@@ -101,14 +96,10 @@ struct OpGrad {
 };
 
 // Gradient of mean for None: G d p0 (p0 = 1 / var), with R1 = sum G, R2 = sum G d^2 per channel.
-struct OpGradNone {
+struct OpGradNone : TableOp {
     static const int K = 2;
     static const bool kWrites = true;
     static const bool kReadsUpstream = true;
-    template <typename A>
-    static __device__ __forceinline__ void channel(const TraverseArgs &a, long long c, A &p0, A &p1) {
-        table_factors(a, c, p0, p1);
-    }
     template <typename A>
     static __device__ __forceinline__ A element(A p0, A, A m, A t, A g, A *acc) {
         A d = m - t;

@@ -72,7 +72,7 @@ impl Backend {
     ) -> Result<Vec<Grads>> {
         match self {
             Backend::Cpu => {
-                let g = grad.f_to_kind(tch::Kind::Double)?.f_double_value(&[])?;
+                let g = grad.f_double_value(&[])?;
                 let upstream: Vec<f64> = weights.iter().map(|w| g * w).collect();
                 cpu::backward_group(problems, channel_sumsq, &upstream, needs)
             }
@@ -90,7 +90,8 @@ impl Backend {
         }
     }
 
-    /// `grad` is the upstream gradient: a scalar for Mean/Sum, else in the problem's layout.
+    /// `grad` is the upstream gradient: a scalar for Mean/Sum (which take the grouped path,
+    /// as a group of one), else in the problem's layout.
     pub fn backward(
         &self,
         problem: &VidProblem,
@@ -98,11 +99,19 @@ impl Backend {
         grad: &Tensor,
         needs: NeedsGrad,
     ) -> Result<Grads> {
+        if problem.options.reduction_mode() != crate::options::Reduction::None {
+            let q = channel_sumsq
+                .ok_or_else(|| VidError::Internal("missing saved channel sums".into()))?;
+            let mut grads = self.backward_group(&[problem], &[q], grad, &[1.0], &[needs])?;
+            return grads
+                .pop()
+                .ok_or_else(|| VidError::Internal("no backward output".into()));
+        }
         match self {
-            Backend::Cpu => cpu::backward(problem, channel_sumsq, grad, needs),
-            Backend::Cuda(ordinal) => cuda::backward(*ordinal, problem, channel_sumsq, grad, needs),
+            Backend::Cpu => cpu::backward_unreduced(problem, grad, needs),
+            Backend::Cuda(ordinal) => cuda::backward_unreduced(*ordinal, problem, grad, needs),
             Backend::Launcher(launcher) => {
-                cuda::plan::backward(launcher.as_ref(), problem, channel_sumsq, grad, needs)
+                cuda::plan::backward_unreduced(launcher.as_ref(), problem, grad, needs)
             }
         }
     }

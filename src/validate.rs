@@ -103,8 +103,9 @@ const LAYOUT_NAMES: [&str; 8] = [
 ];
 
 /// Refuses what the kernels cannot read as plain strided memory, before anything touches the
-/// tensor's sizes (tch's accessors panic on nested tensors) or its data pointer.
-fn check_plain(name: &'static str, t: &Tensor) -> Result<()> {
+/// tensor's sizes (tch's accessors panic on nested tensors) or its data pointer. Returns
+/// whether it is a lazily negated view.
+fn check_plain(name: &'static str, t: &Tensor) -> Result<bool> {
     if !t.defined() {
         return Err(VidError::invalid(name, "tensor is undefined"));
     }
@@ -139,15 +140,20 @@ fn check_plain(name: &'static str, t: &Tensor) -> Result<()> {
     if facts.is_conj {
         return refuse("a conjugate view".into());
     }
-    Ok(())
+    Ok(facts.is_neg)
 }
 
 /// `t` (an alias, which backends only read through its memory), with a lazy negation
 /// (`_neg_view`) applied to the values in memory. Callers run under no-grad, so no copy made
 /// here is recorded by autograd.
 fn resolved(t: &Tensor) -> Result<Tensor> {
-    let facts = autograd::tensor_facts(t).map_err(VidError::Torch)?;
-    Ok(if facts.is_neg {
+    let is_neg = autograd::tensor_facts(t).map_err(VidError::Torch)?.is_neg;
+    resolved_as(t, is_neg)
+}
+
+/// [`resolved`] when whether `t` is negated is already known.
+fn resolved_as(t: &Tensor, is_neg: bool) -> Result<Tensor> {
+    Ok(if is_neg {
         t.f_resolve_neg()?
     } else {
         t.shallow_clone()
@@ -176,9 +182,11 @@ pub fn validate(
             format!("expected a finite value > 0, got {}", options.eps),
         ));
     }
-    for (name, t) in [("mean", mean), ("target", target), ("log_scale", log_scale)] {
-        check_plain(name, t)?;
-    }
+    let negated = [
+        check_plain("mean", mean)?,
+        check_plain("target", target)?,
+        check_plain("log_scale", log_scale)?,
+    ];
     let kind = mean.f_kind()?;
     if !FLOAT_KINDS.contains(&kind) {
         return Err(VidError::invalid(
@@ -271,10 +279,10 @@ pub fn validate(
         layout,
     };
     Ok(VidProblem {
-        mean: to_layout(&resolved(mean)?, layout)?,
-        target: to_layout(&resolved(target)?, layout)?,
+        mean: to_layout(&resolved_as(mean, negated[0])?, layout)?,
+        target: to_layout(&resolved_as(target, negated[1])?, layout)?,
         log_scale: {
-            let t = resolved(log_scale)?;
+            let t = resolved_as(log_scale, negated[2])?;
             if t.is_contiguous() {
                 t
             } else {

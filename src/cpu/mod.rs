@@ -201,21 +201,12 @@ fn forward_each(problems: &[&VidProblem]) -> Result<Vec<ForwardOutput>> {
         .collect()
 }
 
-/// Fused CPU backward.
-pub(crate) fn backward(
+/// Fused CPU backward for Reduction::None: `grad` has the inputs' shape.
+pub(crate) fn backward_unreduced(
     problem: &VidProblem,
-    channel_sumsq: Option<&Tensor>,
     grad: &Tensor,
     needs: NeedsGrad,
 ) -> Result<Grads> {
-    if problem.options.reduction_mode() != Reduction::None {
-        let q = channel_sumsq.ok_or_else(|| VidError::Autograd("missing saved sums".into()))?;
-        let upstream = grad.f_double_value(&[])?;
-        let mut grads = backward_group(&[problem], &[q], &[upstream], &[needs])?;
-        return grads
-            .pop()
-            .ok_or_else(|| VidError::Internal("no backward output".into()));
-    }
     let params = channel_params(problem)?;
     let mut grads = Grads::default();
     let (mut grad_mean, mut grad_target) = (

@@ -56,15 +56,14 @@ pub(crate) fn forward(ordinal: usize, problem: &VidProblem) -> Result<ForwardOut
     plan::forward(&kernels.launcher()?, problem)
 }
 
-pub(crate) fn backward(
+pub(crate) fn backward_unreduced(
     ordinal: usize,
     problem: &VidProblem,
-    channel_sumsq: Option<&Tensor>,
     grad: &Tensor,
     needs: NeedsGrad,
 ) -> Result<Grads> {
     let kernels = driver::device_kernels(ordinal)?;
-    plan::backward(&kernels.launcher()?, problem, channel_sumsq, grad, needs)
+    plan::backward_unreduced(&kernels.launcher()?, problem, grad, needs)
 }
 
 pub(crate) fn forward_group(

@@ -364,7 +364,12 @@ impl<'a> Prepared<'a> {
             problem,
             dtype: dtype_suffix(problem.kind())?,
             acc,
-            log_scale: problem.log_scale.f_to_kind(acc)?.f_contiguous()?,
+            // Validation made log_scale contiguous; convert only when the dtype differs.
+            log_scale: if problem.log_scale.kind() == acc {
+                problem.log_scale.shallow_clone()
+            } else {
+                problem.log_scale.f_to_kind(acc)?
+            },
         })
     }
 
@@ -778,23 +783,14 @@ pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
     })
 }
 
-/// Backward of one problem: `grad` is the upstream gradient (a device scalar for Mean/Sum,
-/// a tensor in the problem's layout for None).
-pub(crate) fn backward<L: KernelLauncher + ?Sized>(
+/// Backward of one problem for Reduction::None: `grad` is the upstream gradient, a tensor
+/// of the inputs' shape.
+pub(crate) fn backward_unreduced<L: KernelLauncher + ?Sized>(
     launcher: &L,
     problem: &VidProblem,
-    channel_sumsq: Option<&Tensor>,
     grad: &Tensor,
     needs: NeedsGrad,
 ) -> Result<Grads> {
-    if problem.options.reduction_mode() != Reduction::None {
-        let q =
-            channel_sumsq.ok_or_else(|| VidError::Autograd("missing saved channel sums".into()))?;
-        let mut grads = backward_group(launcher, &[problem], &[q], grad, &[1.0], &[needs])?;
-        return grads
-            .pop()
-            .ok_or_else(|| VidError::Internal("no backward output".into()));
-    }
     let p = Prepared::new(problem)?;
     let grad_mean = p.empty_like_input(needs.mean)?;
     let grad_target = p.empty_like_input(needs.target)?;
@@ -877,7 +873,13 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
     let mut upstream: Vec<(Kind, Tensor)> = Vec::new();
     for p in &prepared {
         if !upstream.iter().any(|(k, _)| *k == p.acc) {
-            upstream.push((p.acc, grad.f_to_kind(p.acc)?.f_contiguous()?));
+            // A scalar: contiguous; converted only when its dtype differs.
+            let converted = if grad.kind() == p.acc {
+                grad.shallow_clone()
+            } else {
+                grad.f_to_kind(p.acc)?
+            };
+            upstream.push((p.acc, converted));
         }
     }
     let upstream_of = |acc: Kind| -> u64 {
