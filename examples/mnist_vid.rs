@@ -1,15 +1,20 @@
 //! Knowledge transfer with little data, after Table 2 of Ahn et al., "Variational
-//! Information Distillation for Knowledge Transfer" (CVPR 2019), on real MNIST digits.
+//! Information Distillation for Knowledge Transfer" (CVPR 2019), on real MNIST digits, with
+//! the paper's protocol scaled to two CPU cores.
 //!
-//! A CNN teacher is trained on 400 images per class of the bundled 5,000-digit MNIST
-//! subset (`data/mnist_5k.csv.gz`; 100 per class are held out for testing). Students (a
-//! smaller CNN, and an MLP: the heterogeneous case) are then trained on M = 400, 80, 40
-//! and 8 images per class (100%, 20%, 10%, 2%) alone, with KD, FitNet, AT, VID-I, and
-//! KD + VID-I, over several seeds. Writes a Markdown table, a CSV and a PNG plot.
+//! A CNN teacher is trained on the 3,500-image training pool of the bundled 5,000-digit
+//! MNIST subset (`data/mnist_5k.csv.gz`; 100 digits per class are held out for testing and
+//! 50 for validation). Students (a smaller CNN, and an MLP: the heterogeneous case) are then
+//! trained on M = 350, 70, 35 and 7 images per class (100%, 20%, 10%, 2%) with the paper's
+//! methods: the student alone, KD, FitNet, AT, NST, VID-I, KD + AT and KD + VID-I; VID-I on
+//! both block outputs through `VidDistiller`, its variance with a learning rate of its own
+//! chosen on the validation digits. Several seeds per cell, 95% confidence intervals, paired
+//! comparisons, the VID variance over training, and an ablation. Writes Markdown, CSVs and
+//! PNG plots.
 //!
 //! ```text
 //! cargo run --release --example mnist_vid -- --quick     # about a minute on 2 cores
-//! cargo run --release --example mnist_vid                # the full run, results/ (< 20 min)
+//! cargo run --release --example mnist_vid                # the full run, results/
 //! cargo run --release --example mnist_vid -- --help
 //! ```
 
@@ -22,25 +27,28 @@ mod plot;
 #[path = "mnist_vid/report.rs"]
 mod report;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
+use anyhow::{bail, Context};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device};
 
-use data::{Dataset, Rng};
-use models::{Method, StudentKind, Teacher, TeacherOutputs, TrainSettings};
-use report::RunResult;
+use data::{Dataset, Rng, POOL_PER_CLASS};
+use models::{Layers, Method, RunData, RunSpec, Schedule, StudentKind, Teacher, VidInit, Weights};
+use report::{Phase, RunRecord};
 
 /// Knowledge transfer with little data (Ahn et al. 2019, Table 2) on real MNIST digits:
-/// a CNN teacher, CNN and MLP students, six methods, four training-set sizes.
+/// a CNN teacher, CNN and MLP students, the paper's eight methods, four training-set sizes.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// A short demonstration: fewer teacher epochs and student steps, one seed
-    /// (about a minute on 2 CPU cores). Writes to target/mnist_vid_quick unless --out is given.
+    /// A short demonstration: short training, one seed, no selection on the validation
+    /// digits (the variance takes --variance-lr or 0.5) and no ablation. Writes to
+    /// target/mnist_vid_quick unless --out is given.
     #[arg(long)]
     quick: bool,
 
@@ -48,56 +56,85 @@ struct Args {
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist_5k.csv.gz"))]
     data: PathBuf,
 
-    /// Where to write mnist_vid.csv, mnist_vid.md and mnist_vid.png
-    /// [default: results/ of the crate; target/mnist_vid_quick with --quick].
+    /// Where to write the results [default: results/ of the crate; target/mnist_vid_quick
+    /// with --quick].
     #[arg(long)]
     out: Option<PathBuf>,
 
-    /// Seeds per cell (student, method, M) [default: 4; 1 with --quick].
+    /// Where to train: auto (a CUDA GPU when libtorch sees one, else the CPU), cpu, cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+
+    /// Seeds per cell; seed s draws the same training subset for every method, so methods
+    /// are compared in pairs [default: 5; 1 with --quick].
     #[arg(long)]
     seeds: Option<u64>,
 
-    /// Training images per class for the students, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "400,80,40,8")]
+    /// Training images per class for the students, comma-separated (at most 350).
+    #[arg(long, value_delimiter = ',', default_value = "350,70,35,7")]
     samples: Vec<i64>,
 
     /// Students to train, comma-separated: cnn, mlp.
     #[arg(long, value_delimiter = ',', default_value = "cnn,mlp")]
     students: Vec<String>,
 
-    /// Methods to run, comma-separated: student, kd, fitnet, at, vid, kd+vid.
+    /// Methods, comma-separated: student, kd, fitnet, at, nst, vid, kd+at, kd+vid.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "student,kd,fitnet,at,vid,kd+vid"
+        default_value = "student,kd,fitnet,at,nst,vid,kd+at,kd+vid"
     )]
     methods: Vec<String>,
 
-    /// Optimiser steps per student (batch 64) [default: 400; 80 with --quick].
+    /// Student training length: epochs over its subset... [default: 20; 3 with --quick]
     #[arg(long)]
-    steps: Option<usize>,
+    epochs: Option<usize>,
 
-    /// Teacher training epochs over its 4,000 images [default: 10; 2 with --quick].
+    /// ...but at least this many optimiser steps [default: 400; 60 with --quick].
+    #[arg(long)]
+    min_steps: Option<usize>,
+
+    /// Teacher training epochs over the 3,500-image pool [default: 15; 2 with --quick].
     #[arg(long)]
     teacher_epochs: Option<usize>,
 
-    /// Adam learning rate of students and of their auxiliary modules (regressors, log_scale).
-    #[arg(long, default_value_t = 1e-3)]
+    /// Batch size [default: 64 on the CPU (the reference implementations'), 256 on a GPU].
+    #[arg(long)]
+    batch: Option<i64>,
+
+    /// Student width multiplier (channels of the CNN, hidden units of the MLP)
+    /// [default: 1 on the CPU, 4 on a GPU].
+    #[arg(long)]
+    width: Option<i64>,
+
+    /// SGD learning rate of networks, hints and regressors (x0.1 at 5/8, 6/8, 7/8 of training).
+    #[arg(long, default_value_t = 0.05)]
     lr: f64,
 
-    /// VID weight lambda (the reference implementations' 1.0).
-    #[arg(long, default_value_t = 1.0)]
-    vid_lambda: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
 
-    /// VID initial per-channel variance (the reference implementations' 5.0).
-    #[arg(long, default_value_t = 5.0)]
-    vid_init_variance: f64,
+    /// Weight decay of every parameter but the VID variance.
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
 
-    /// Adam learning rate of the VID variance (`log_scale`, in an optimizer group of its
-    /// own) [default: --lr]. At 1e-3 the variance moves by at most about 0.001 per step
-    /// (Adam's step is about its learning rate), so hundreds of steps barely move it from 5.
+    /// Candidate learning rates of the VID variance, chosen per student and M by VID-I's
+    /// accuracy on the validation digits.
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.5,5")]
+    variance_lr_candidates: Vec<f64>,
+
+    /// Seeds per candidate in that choice (their subsets differ from the test seeds').
+    #[arg(long, default_value_t = 2)]
+    selection_seeds: u64,
+
+    /// Skip the choice: this learning rate for the VID variance everywhere.
     #[arg(long)]
-    vid_lr: Option<f64>,
+    variance_lr: Option<f64>,
+
+    /// M values of the ablation [default: 7; none with --quick]; given with no value, none.
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    ablation_samples: Option<Vec<i64>>,
 
     /// KD temperature.
     #[arg(long, default_value_t = 4.0)]
@@ -111,11 +148,35 @@ struct Args {
     #[arg(long, default_value_t = 1000.0)]
     at_weight: f64,
 
-    /// CPU threads for libtorch. The models are small: one thread is nearly as fast as two,
-    /// and stays fast when other programs share the cores (libtorch's waiting threads slow
-    /// down many-fold on an oversubscribed machine).
+    /// NST weight (the reference implementations' 50).
+    #[arg(long, default_value_t = 50.0)]
+    nst_weight: f64,
+
+    /// VID weight lambda per layer pair (the reference implementations' 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    vid_lambda: f64,
+
+    /// VID initial per-channel variance (the reference implementations' 5.0).
+    #[arg(long, default_value_t = 5.0)]
+    vid_init_variance: f64,
+
+    /// Runs trained at once, one thread each [default: the CPU count; 1 on a GPU].
+    #[arg(long)]
+    jobs: Option<usize>,
+
+    /// libtorch threads per run. The models are small: one run per core beats one run on
+    /// several cores.
     #[arg(long, default_value_t = 1)]
     threads: i32,
+}
+
+/// One run of the grid: what to train, on what, and which evaluation it feeds.
+#[derive(Clone, Copy)]
+struct Job {
+    phase: Phase,
+    spec: RunSpec,
+    m: i64,
+    seed: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,177 +184,355 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     tch::set_num_threads(args.threads);
     let quick = args.quick;
-    let seeds = args.seeds.unwrap_or(if quick { 1 } else { 4 });
-    let steps = args.steps.unwrap_or(if quick { 80 } else { 400 });
-    let teacher_epochs = args.teacher_epochs.unwrap_or(if quick { 2 } else { 10 });
+    let device = match args.device.as_str() {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
+        "cuda" => bail!("--device cuda: libtorch sees no CUDA GPU (a CPU build of libtorch?)"),
+        other => bail!("--device {other:?}: expected auto, cpu or cuda"),
+    };
+    let on_gpu = device.is_cuda();
+    let seeds = args.seeds.unwrap_or(if quick { 1 } else { 5 });
+    let sched = Schedule {
+        lr: args.lr,
+        momentum: args.momentum,
+        weight_decay: args.weight_decay,
+        batch: args.batch.unwrap_or(if on_gpu { 256 } else { 64 }),
+        epochs: args.epochs.unwrap_or(if quick { 3 } else { 20 }),
+        min_steps: args.min_steps.unwrap_or(if quick { 60 } else { 400 }),
+    };
+    let teacher_epochs = args.teacher_epochs.unwrap_or(if quick { 2 } else { 15 });
+    let width = args.width.unwrap_or(if on_gpu { 4 } else { 1 });
+    let jobs = args.jobs.unwrap_or(if on_gpu {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    });
+    let weights = Weights {
+        temperature: args.temperature,
+        fitnet: args.fitnet_weight,
+        at: args.at_weight,
+        nst: args.nst_weight,
+        vid_lambda: args.vid_lambda,
+        vid_init_variance: args.vid_init_variance,
+    };
+    let ablation_samples =
+        args.ablation_samples
+            .clone()
+            .unwrap_or(if quick { vec![] } else { vec![7] });
     let out = args.out.clone().unwrap_or_else(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        if quick {
-            root.join("target/mnist_vid_quick")
+        root.join(if quick {
+            "target/mnist_vid_quick"
         } else {
-            root.join("results")
-        }
+            "results"
+        })
     });
-    let students: Vec<StudentKind> = args
-        .students
+    let students: Vec<StudentKind> = parse_list(&args.students)?;
+    let methods: Vec<Method> = parse_list(&args.methods)?;
+    let max_m = POOL_PER_CLASS as i64;
+    if args
+        .samples
         .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let methods: Vec<Method> = args
-        .methods
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    if args.samples.iter().any(|&m| !(1..=400).contains(&m)) {
-        anyhow::bail!("--samples must lie in 1..=400 per class");
+        .chain(&ablation_samples)
+        .any(|&m| !(1..=max_m).contains(&m))
+    {
+        bail!("--samples and --ablation-samples must lie in 1..={max_m} per class");
+    }
+    if width < 1 || sched.batch < 1 || jobs < 1 {
+        bail!("--width, --batch and --jobs must be at least 1");
     }
 
     let ds = Dataset::load(&args.data)?;
     eprintln!(
-        "data: {} images ({} train pool, {} test) from {}",
+        "data: {} images ({} training pool, {} validation, {} test) from {}; device {device:?}, \
+         {jobs} run(s) at once",
         ds.len(),
         ds.train_pool_len(),
+        ds.validation_len(),
         ds.test_len(),
         args.data.display()
     );
 
     // ---- teacher -------------------------------------------------------------------
     tch::manual_seed(0);
-    let t_vs = nn::VarStore::new(Device::Cpu);
+    let t_vs = nn::VarStore::new(device);
     let teacher = Teacher::new(&t_vs.root() / "teacher");
-    let (train_x, train_y) = ds.train_pool();
-    let (test_x, test_y) = ds.test();
+    let to_dev = |(x, y): (tch::Tensor, tch::Tensor)| (x.to_device(device), y.to_device(device));
+    let (pool_x, pool_y) = to_dev(ds.train_pool());
+    let (val_x, val_y) = to_dev(ds.validation());
+    let (test_x, test_y) = to_dev(ds.test());
     let t_started = Instant::now();
-    {
-        let mut opt = nn::Adam::default().build(&t_vs, 1e-3)?;
-        let n = train_x.size()[0];
-        let batches = (n + 63) / 64;
-        let pb = bar(teacher_epochs as u64 * batches as u64, "teacher");
-        for epoch in 0..teacher_epochs {
-            let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
-            for b in 0..batches {
-                let idx = perm.narrow(0, b * 64, 64.min(n - b * 64));
-                let x = train_x.index_select(0, &idx);
-                let y = train_y.index_select(0, &idx);
-                let loss = teacher
-                    .forward_t(&x, true)
-                    .logits
-                    .cross_entropy_for_logits(&y);
-                opt.backward_step(&loss);
-                pb.inc(1);
-            }
-            pb.set_message(format!("epoch {}", epoch + 1));
-        }
-        pb.finish_and_clear();
-    }
-    let teacher_acc =
-        tch::no_grad(|| models::accuracy(&teacher.forward_t(&test_x, false).logits, &test_y));
-    let t_out: TeacherOutputs = tch::no_grad(|| teacher.forward_t(&train_x, false)).detach();
-    eprintln!(
-        "teacher: test accuracy {:.2}% after {} epochs ({:.1} s)",
-        100.0 * teacher_acc,
-        teacher_epochs,
-        t_started.elapsed().as_secs_f64()
-    );
-
-    // ---- students --------------------------------------------------------------------
-    let settings = TrainSettings {
-        steps,
-        batch: 64,
-        lr: args.lr,
-        temperature: args.temperature,
-        vid_lambda: args.vid_lambda,
-        vid_init_variance: args.vid_init_variance,
-        vid_lr: args.vid_lr,
-        fitnet_weight: args.fitnet_weight,
-        at_weight: args.at_weight,
+    let t_sched = Schedule {
+        epochs: teacher_epochs,
+        min_steps: 0,
+        ..sched
     };
-    let mut cells = Vec::new();
-    for &student in &students {
-        for &m in &args.samples {
-            for &method in &methods {
-                if method.applies_to(student) {
-                    for seed in 0..seeds {
-                        cells.push((student, m, method, seed));
+    let pb = bar(t_sched.steps(pool_x.size()[0]) as u64, "teacher");
+    models::train_teacher(&teacher, &t_vs, &t_sched, &pool_x, &pool_y, || pb.inc(1))?;
+    pb.finish_and_clear();
+    let teacher_on = |x: &tch::Tensor| tch::no_grad(|| teacher.forward_t(x, false)).detach();
+    let (teacher_pool, teacher_val, teacher_test) =
+        (teacher_on(&pool_x), teacher_on(&val_x), teacher_on(&test_x));
+    let teacher_acc = models::accuracy(&teacher_test.logits, &test_y);
+    let teacher_seconds = t_started.elapsed().as_secs_f64();
+    eprintln!(
+        "teacher: test accuracy {:.2}% after {teacher_epochs} epochs ({teacher_seconds:.1} s)",
+        100.0 * teacher_acc
+    );
+    let test_data = RunData {
+        device,
+        width,
+        pool_x,
+        pool_y,
+        teacher_pool,
+        eval_x: test_x,
+        eval_y: test_y,
+        teacher_eval: teacher_test,
+    };
+    let val_data = RunData {
+        eval_x: val_x,
+        eval_y: val_y,
+        teacher_eval: teacher_val,
+        ..test_data.share()
+    };
+
+    let spec = |kind, method| RunSpec {
+        kind,
+        method,
+        layers: Layers::All,
+        vid_init: VidInit::Reference,
+        variance_lr: None,
+        trace_variance: false,
+    };
+    let any_vid = methods.iter().any(|m| m.uses_vid());
+
+    // ---- the variance's learning rate, chosen on the validation digits ----------------
+    let mut records: Vec<RunRecord> = Vec::new();
+    let fixed_lr = args.variance_lr.or(quick.then_some(0.5));
+    if let Some(lr) = fixed_lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
+        bail!("--variance-lr must be finite and > 0, got {lr}");
+    }
+    let mut selection_jobs = Vec::new();
+    if fixed_lr.is_none() && any_vid {
+        for &kind in &students {
+            for &m in &args.samples {
+                for &lr in &args.variance_lr_candidates {
+                    for s in 0..args.selection_seeds {
+                        selection_jobs.push(Job {
+                            phase: Phase::Selection,
+                            spec: RunSpec {
+                                variance_lr: Some(lr),
+                                ..spec(kind, Method::Vid)
+                            },
+                            m,
+                            seed: 100 + s,
+                        });
                     }
                 }
             }
         }
     }
-    let pb = bar(cells.len() as u64, "students");
-    let mut results = Vec::new();
-    for (student, m, method, seed) in cells {
-        pb.set_message(format!("{student} {method} M={m} seed {seed}"));
-        let run_started = Instant::now();
-        let mut rng = Rng::new(1000 + seed);
-        let subset = ds.subset(m, &mut rng);
-        tch::manual_seed(10_000 + seed as i64);
-        let r = models::train_student(
-            student, method, &settings, &train_x, &train_y, &t_out, &subset, &test_x, &test_y,
-        )?;
-        let res = RunResult {
-            student,
-            method,
-            samples_per_class: m,
-            seed,
-            test_accuracy: r.test_accuracy,
-            vid_variance: r.vid_variance,
-            seconds: run_started.elapsed().as_secs_f64(),
-        };
-        let line = format!(
-            "{student:>3} {:<10} M={m:<3} seed {seed}: {:.2}%{} ({:.1} s)",
-            method.to_string(),
-            100.0 * res.test_accuracy,
-            res.vid_variance
-                .zip(r.vid_variance_range)
-                .map(|(v, (lo, hi))| format!(
-                    ", final VID variance mean {v:.3} (channels {lo:.2}-{hi:.2})"
-                ))
-                .unwrap_or_default(),
-            res.seconds
-        );
-        if pb.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            pb.println(line);
+    records.extend(run_all(
+        selection_jobs,
+        "choice",
+        jobs,
+        &ds,
+        &sched,
+        &weights,
+        &test_data,
+        &val_data,
+    )?);
+    let chosen = |kind: StudentKind, m: i64| -> Option<f64> {
+        fixed_lr.or_else(|| report::chosen_variance_lr(&records, kind, m))
+    };
+
+    // ---- the table, and the ablation -------------------------------------------------
+    let mut grid = Vec::new();
+    for &kind in &students {
+        for &m in &args.samples {
+            for &method in methods.iter().filter(|m| m.applies_to(kind)) {
+                for seed in 0..seeds {
+                    let variance_lr = if method.uses_vid() {
+                        chosen(kind, m)
+                    } else {
+                        None
+                    };
+                    grid.push(Job {
+                        phase: Phase::Main,
+                        spec: RunSpec {
+                            variance_lr,
+                            trace_variance: method == Method::Vid && seed == 0,
+                            ..spec(kind, method)
+                        },
+                        m,
+                        seed,
+                    });
+                }
+            }
         }
-        results.push(res);
-        pb.inc(1);
+        for &m in ablation_samples.iter().filter(|_| any_vid) {
+            let own = chosen(kind, m);
+            let variants = [
+                RunSpec {
+                    layers: Layers::Last,
+                    variance_lr: own,
+                    ..spec(kind, Method::Vid)
+                },
+                spec(kind, Method::Vid), // the variance at the network's learning rate
+                RunSpec {
+                    vid_init: VidInit::TchDefault,
+                    variance_lr: own,
+                    ..spec(kind, Method::Vid)
+                },
+            ];
+            for v in variants {
+                for seed in 0..seeds {
+                    grid.push(Job {
+                        phase: Phase::Ablation,
+                        spec: v,
+                        m,
+                        seed,
+                    });
+                }
+            }
+        }
     }
-    pb.finish_and_clear();
+    records.extend(run_all(
+        grid, "students", jobs, &ds, &sched, &weights, &test_data, &val_data,
+    )?);
 
     // ---- outputs ---------------------------------------------------------------------
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let info = report::RunInfo {
         teacher_accuracy: teacher_acc,
         teacher_epochs,
-        steps,
+        teacher_seconds,
         seeds,
         quick,
+        device: format!("{device:?}"),
+        jobs,
         threads: args.threads,
-        settings,
+        width,
+        sched,
+        weights,
+        variance_lr_candidates: args.variance_lr_candidates.clone(),
+        selection_seeds: args.selection_seeds,
+        fixed_variance_lr: fixed_lr,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    report::write_csv(&out.join("mnist_vid.csv"), &results)?;
-    let table = report::markdown(&results, &students, &methods, &args.samples, &info);
+    report::write_csvs(&out, &records)?;
+    let table = report::markdown(&records, &students, &methods, &args.samples, &info);
     std::fs::write(out.join("mnist_vid.md"), &table)?;
-    plot::plot(
+    plot::accuracy(
         &out.join("mnist_vid.png"),
-        &results,
+        &records,
         &students,
         &methods,
         &args.samples,
         teacher_acc,
     )?;
+    if records.iter().any(|r| !r.traces.is_empty()) {
+        plot::variance(&out.join("mnist_vid_variance.png"), &records, &students)?;
+    }
     println!("{table}");
     eprintln!(
-        "wrote {}/mnist_vid.{{csv,md,png}} in {:.1} s",
+        "wrote {}/mnist_vid*.{{csv,md,png}} in {:.1} s",
         out.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn parse_list<T: std::str::FromStr<Err = String>>(items: &[String]) -> anyhow::Result<Vec<T>> {
+    items
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Trains every job, `workers` at a time (one thread each), longest first; returns them in
+/// the order given. Results do not depend on `workers`: each run seeds its own weights and
+/// batch order.
+#[allow(clippy::too_many_arguments)]
+fn run_all(
+    jobs: Vec<Job>,
+    label: &'static str,
+    workers: usize,
+    ds: &Dataset,
+    sched: &Schedule,
+    weights: &Weights,
+    test_data: &RunData,
+    val_data: &RunData,
+) -> anyhow::Result<Vec<RunRecord>> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut queue: Vec<(usize, Job, Vec<i64>)> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, &job)| (i, job, ds.subset(job.m, &mut Rng::new(1000 + job.seed))))
+        .collect();
+    queue.sort_by_key(|(_, job, _)| std::cmp::Reverse(job.m));
+    let queue = Mutex::new(VecDeque::from(queue));
+    let pb = bar(jobs.len() as u64, label);
+    let (tx, rx) = mpsc::channel();
+    let mut done: Vec<Option<RunRecord>> = (0..jobs.len()).map(|_| None).collect();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        for _ in 0..workers.min(jobs.len()) {
+            let (tx, queue) = (tx.clone(), &queue);
+            let (test_data, val_data) = (test_data.share(), val_data.share());
+            scope.spawn(move || loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let Some((i, job, subset)) = next else { break };
+                let data = match job.phase {
+                    Phase::Selection => &val_data,
+                    Phase::Main | Phase::Ablation => &test_data,
+                };
+                let t0 = Instant::now();
+                let outcome =
+                    models::train_student(&job.spec, sched, weights, data, &subset, job.seed);
+                let failed = outcome.is_err();
+                let _ = tx.send((i, job, outcome, t0.elapsed().as_secs_f64()));
+                if failed {
+                    // The others stop at their next job.
+                    queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for (i, job, outcome, seconds) in rx {
+            let o = outcome.with_context(|| {
+                format!(
+                    "{} {} M={} seed {}",
+                    job.spec.kind, job.spec.method, job.m, job.seed
+                )
+            })?;
+            let line = report::describe(&job.spec, job.phase, job.m, job.seed, &o, seconds);
+            if pb.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                pb.println(line);
+            }
+            pb.inc(1);
+            done[i] = Some(RunRecord {
+                phase: job.phase,
+                spec: job.spec,
+                samples_per_class: job.m,
+                seed: job.seed,
+                accuracy: o.accuracy,
+                steps: o.steps,
+                final_variance: o.final_variance,
+                traces: o.traces,
+                seconds,
+            });
+        }
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    Ok(done.into_iter().flatten().collect())
 }
 
 fn bar(len: u64, prefix: &'static str) -> ProgressBar {

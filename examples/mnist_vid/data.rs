@@ -1,16 +1,19 @@
-//! The bundled MNIST subset: loading, the fixed train/test split, per-class subsets.
+//! The bundled MNIST subset: loading, the fixed test/validation/pool split, per-class subsets.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use flate2::read::GzDecoder;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 /// Test images per class, held out from everything else.
 pub const TEST_PER_CLASS: usize = 100;
+/// Validation images per class, carved from the training images: settings are chosen on
+/// them, never on the test digits. Nothing trains on them.
+pub const VAL_PER_CLASS: usize = 50;
 /// Training images per class available to teacher and students.
-pub const POOL_PER_CLASS: usize = 400;
+pub const POOL_PER_CLASS: usize = 350;
 const CLASSES: usize = 10;
 // MNIST's usual normalisation.
 const PIXEL_MEAN: f32 = 0.1307;
@@ -42,15 +45,16 @@ pub struct Dataset {
     /// `[5000, 1, 28, 28]`, normalised.
     images: Tensor,
     labels: Tensor,
-    /// Per class: indices into the train pool tensors (0..4000) of that class.
+    /// Per class: indices into the train pool tensors (0..3500) of that class.
     pool_by_class: Vec<Vec<i64>>,
     pool: Vec<i64>,
+    validation: Vec<i64>,
     test: Vec<i64>,
 }
 
 impl Dataset {
     /// Reads the CSV and splits it: per class, a fixed shuffle (seed 0) puts 100 images in
-    /// the test set and 400 in the training pool.
+    /// the test set, 50 in the validation set and 350 in the training pool.
     pub fn load(path: &Path) -> anyhow::Result<Dataset> {
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -88,19 +92,18 @@ impl Dataset {
             by_class[y as usize].push(i as i64);
         }
         let mut rng = Rng::new(0);
-        let (mut pool, mut test) = (Vec::new(), Vec::new());
+        let (mut pool, mut validation, mut test) = (Vec::new(), Vec::new(), Vec::new());
         let mut pool_by_class = vec![Vec::new(); CLASSES];
         for (c, idx) in by_class.iter_mut().enumerate() {
-            if idx.len() < TEST_PER_CLASS + POOL_PER_CLASS {
-                bail!(
-                    "class {c}: {} images, need {}",
-                    idx.len(),
-                    TEST_PER_CLASS + POOL_PER_CLASS
-                );
+            let need = TEST_PER_CLASS + VAL_PER_CLASS + POOL_PER_CLASS;
+            if idx.len() < need {
+                bail!("class {c}: {} images, need {need}", idx.len());
             }
             rng.shuffle(idx);
-            test.extend_from_slice(&idx[..TEST_PER_CLASS]);
-            for &i in &idx[TEST_PER_CLASS..TEST_PER_CLASS + POOL_PER_CLASS] {
+            let (held_out, train) = idx.split_at(TEST_PER_CLASS);
+            test.extend_from_slice(held_out);
+            validation.extend_from_slice(&train[..VAL_PER_CLASS]);
+            for &i in &train[VAL_PER_CLASS..VAL_PER_CLASS + POOL_PER_CLASS] {
                 pool_by_class[c].push(pool.len() as i64);
                 pool.push(i);
             }
@@ -110,6 +113,7 @@ impl Dataset {
             labels: Tensor::from_slice(&labels),
             pool_by_class,
             pool,
+            validation,
             test,
         })
     }
@@ -119,6 +123,9 @@ impl Dataset {
     }
     pub fn train_pool_len(&self) -> usize {
         self.pool.len()
+    }
+    pub fn validation_len(&self) -> usize {
+        self.validation.len()
     }
     pub fn test_len(&self) -> usize {
         self.test.len()
@@ -132,9 +139,14 @@ impl Dataset {
         )
     }
 
-    /// The 4,000-image training pool (images, labels), class-balanced.
+    /// The 3,500-image training pool (images, labels), class-balanced.
     pub fn train_pool(&self) -> (Tensor, Tensor) {
         self.take(&self.pool)
+    }
+
+    /// The 500 validation images.
+    pub fn validation(&self) -> (Tensor, Tensor) {
+        self.take(&self.validation)
     }
 
     /// The 1,000 held-out test images.
@@ -142,16 +154,14 @@ impl Dataset {
         self.take(&self.test)
     }
 
-    /// `m` random images per class, as indices into the training pool (Int64).
-    pub fn subset(&self, m: i64, rng: &mut Rng) -> Tensor {
+    /// `m` random images per class, as indices into the training pool.
+    pub fn subset(&self, m: i64, rng: &mut Rng) -> Vec<i64> {
         let mut out = Vec::new();
         for idx in &self.pool_by_class {
             let mut idx = idx.clone();
             rng.shuffle(&mut idx);
             out.extend_from_slice(&idx[..m as usize]);
         }
-        Tensor::from_slice(&out)
-            .to_kind(Kind::Int64)
-            .to_device(Device::Cpu)
+        out
     }
 }
