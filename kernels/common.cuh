@@ -21,6 +21,8 @@
 #define VF_SHARED_ARRAY(type, name, count) __shared__ type name[count]
 #define VF_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #define VF_SHARED(name, index) (name[index])
+// A GPU faults on a misaligned vector access; the host emulation checks it here.
+#define VF_CHECK_ALIGNED(address, bytes)
 #endif
 
 namespace vf {
@@ -158,6 +160,7 @@ template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> load_pack(const T *__restrict__ p) {
     Pack<T, V> r;
     if (V * sizeof(T) == 16) {
+        VF_CHECK_ALIGNED(p, 16);
         uint4 raw = *reinterpret_cast<const uint4 *>(p);
         r = *reinterpret_cast<const Pack<T, V> *>(&raw);
     } else {
@@ -172,6 +175,7 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T *__restrict__ p) {
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T *__restrict__ p, const Pack<T, V> &x) {
     if (V * sizeof(T) == 16) {
+        VF_CHECK_ALIGNED(p, 16);
         *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(&x);
     } else {
 #pragma unroll

@@ -31,14 +31,18 @@ struct TraverseArgs {
     void *out;                   // T*: per-element result (loss or grad of mean), or null
     void *out_negated;           // T*: negated per-element result (grad of target), or null
     void *partial;               // Acc*: partial sums, K per slot (ops that reduce)
-    long long rows;              // warp: N*C; tile: rows of the 2-D view
-    long long row_len;           // warp: S; tile: columns
-    long long seg_len;           // warp: elements per segment; tile: rows per block
+    long long rows;              // warp: N*C; tile: super-rows (below)
+    long long row_len;           // warp: S; tile: columns of a super-row, a multiple of the pack
+    long long seg_len;           // warp: elements per segment; tile: super-rows per block
     long long channels;          // C
     long long channel_div;       // tile: channel = column / channel_div
     long long tile_x;            // tile: threads along the columns (in packs)
-    long long vectorized;        // 1: 16-byte packs (alignment checked by the launcher)
-    double unused[3]; // keeps the layout of the Rust mirror (eps, scale, constant before the table)
+    long long vectorized;        // 1: 16-byte packs
+    long long phase;             // elements from the 16-byte boundary below every tensor's base
+                                 // (the launcher checked they agree) to the base; 0 unless
+                                 // vectorized
+    long long elements;          // tile: elements of the [rows][cols] view
+    long long cols;              // tile: columns of the view
 };
 
 // ---- ops: per-channel parameters and the per-element step ---------------------------------
@@ -166,6 +170,31 @@ template <typename T, class Op, int V> struct Lane {
         }
     }
 
+    // The pack at element offset `at` of which only offsets in [0, end) exist (the view's
+    // first and last packs): element by element, each with its own parameters and sums.
+    __device__ __forceinline__ void visit_partial(const TraverseArgs &a, long long at,
+                                                  long long end) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            if (at + v < 0 || at + v >= end) {
+                continue;
+            }
+            Lane<T, Op, 1> one;
+            one.p0[0] = p0[v];
+            one.p1[0] = p1[v];
+#pragma unroll
+            for (int k = 0; k < KK; ++k) {
+                one.acc[0][k] = acc[v][k];
+            }
+            const long long offsets[1] = {at + v};
+            one.template visit<1>(a, offsets);
+#pragma unroll
+            for (int k = 0; k < KK; ++k) {
+                acc[v][k] = one.acc[0][k];
+            }
+        }
+    }
+
     // Walks elements first, first + step, ... below end (all multiples of V apart).
     __device__ __forceinline__ void walk(const TraverseArgs &a, long long first, long long step,
                                          long long end) {
@@ -215,12 +244,12 @@ __device__ void warp_traverse(const TraverseArgs &a, long long block) {
     }
     long long bulk_begin = begin, bulk_end = begin + len;
     if constexpr (V > 1) {
-        // A row of S elements, S not a multiple of the pack, starts or ends between pack
-        // boundaries: the at most V - 1 elements before the first boundary and after the
-        // last are walked one by one, the bulk in 16-byte packs (the launcher checked that
-        // every tensor's base is 16-byte aligned).
-        bulk_begin = min(begin + len, (begin + V - 1) / V * V);
-        bulk_end = max(bulk_begin, (begin + len) / V * V);
+        // A row may start or end between 16-byte boundaries (S not a multiple of the pack, or
+        // a base `phase` elements past a boundary): the at most V - 1 elements before the
+        // first boundary and after the last are walked one by one, the bulk in packs.
+        const long long ph = a.phase;
+        bulk_begin = min(begin + len, (begin + ph + V - 1) / V * V - ph);
+        bulk_end = max(bulk_begin, (begin + len + ph) / V * V - ph);
         Lane<T, Op, 1> edge;
         edge.zero();
         edge.p0[0] = p0;
@@ -255,7 +284,12 @@ __device__ void warp_traverse(const TraverseArgs &a, long long block) {
 
 const int kBlock = 256;
 
-// (`block_x`, `block_y`): this block's row chunk and column tile within the problem's grid.
+// (`block_x`, `block_y`): this block's chunk of super-rows and column tile within the
+// problem's grid. The view [rows][cols] is walked as super-rows of row_len = k * cols
+// columns (the launcher picks k so that row_len is a multiple of V), so every thread keeps
+// its V columns, hence its channels, in every super-row. Element i sits at u = i + phase:
+// super-row u / row_len, column u % row_len, and every pack is 16-byte aligned. Only the
+// packs at the view's two ends stick out of it; those are walked element by element.
 template <typename T, class Op, int V>
 __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long long block_y) {
     typedef typename Traits<T>::Acc A;
@@ -266,35 +300,53 @@ __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long lon
     const bool active = tid < tile_x * tile_y;
     const int tx = tid % tile_x;
     const int ty = tid / tile_x;
-    const long long cols = a.row_len;
-    const long long pack_col = block_y * tile_x + tx;
-    const bool has_col = active && pack_col * V < cols;
+    const long long width = a.row_len;
+    const long long j0 = (block_y * tile_x + tx) * V; // this thread's first column
+    const bool has_col = active && j0 < width;
     const long long r0 = block_x * a.seg_len;
     const long long r1 = min(r0 + a.seg_len, a.rows);
+    // Columns fit in 31 bits (the launcher checks): 32-bit divisions are a few instructions,
+    // 64-bit ones a subroutine call. Column j of a super-row is column
+    // (j - phase) mod cols of the view.
+    const unsigned skew = (unsigned)(width - a.phase), cols = (unsigned)a.cols;
 
     L state;
     state.zero();
     if (has_col) {
-        // Columns and channel_div fit in 32 bits (the launcher checks): a 32-bit division is a
-        // few instructions, a 64-bit one a subroutine call.
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-            const unsigned col = (unsigned)(pack_col * V + v);
+            const unsigned col = ((unsigned)j0 + v + skew) % cols;
             Op::template channel<A>(a, col / (unsigned)a.channel_div, state.p0[v], state.p1[v]);
         }
-        state.walk(a, (r0 + ty) * cols + pack_col * V, tile_y * cols, r1 * cols);
+        // Super-row r's pack starts at element r * width + base; it lies wholly inside the
+        // view for r in [full_begin, full_end).
+        const long long base = j0 - a.phase;
+        const long long full_begin = base < 0 ? 1 : 0;
+        const long long last = a.elements - V - base;
+        const long long full_end = last < 0 ? 0 : last / width + 1;
+        long long r = r0 + ty;
+        if (r < min(r1, full_begin)) {
+            state.visit_partial(a, r * width + base, a.elements);
+            r += tile_y;
+        }
+        const long long bulk_end = max(r, min(r1, full_end));
+        state.walk(a, r * width + base, tile_y * width, bulk_end * width + base);
+        r += (bulk_end - r + tile_y - 1) / tile_y * tile_y;
+        if (r < r1 && r * width + base < a.elements) {
+            state.visit_partial(a, r * width + base, a.elements);
+        }
     }
 
     if constexpr (Op::K > 0) {
         // Sum the tile_y rows of partials of each column in a fixed tree order.
-        const int width = V * L::KK;
+        const int pack_sums = V * L::KK;
         VF_SHARED_ARRAY(A, shared, kBlock * V * L::KK);
         if (active) {
 #pragma unroll
             for (int v = 0; v < V; ++v) {
 #pragma unroll
                 for (int k = 0; k < L::KK; ++k) {
-                    VF_SHARED(shared, tid * width + v * L::KK + k) = state.acc[v][k];
+                    VF_SHARED(shared, tid * pack_sums + v * L::KK + k) = state.acc[v][k];
                 }
             }
         }
@@ -305,21 +357,26 @@ __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long lon
         }
         for (; half > 0; half >>= 1) {
             if (active && ty < half && ty + half < tile_y) {
-                for (int i = 0; i < width; ++i) {
-                    VF_SHARED(shared, tid * width + i) +=
-                        VF_SHARED(shared, (tid + half * tile_x) * width + i);
+                for (int i = 0; i < pack_sums; ++i) {
+                    VF_SHARED(shared, tid * pack_sums + i) +=
+                        VF_SHARED(shared, (tid + half * tile_x) * pack_sums + i);
                 }
             }
             __syncthreads();
         }
         if (has_col && ty == 0) {
-            A *partial = static_cast<A *>(a.partial);
+            // A chunk's partials by channel c, then which of the k copies of the view's
+            // column in a super-row, then column m within the channel: the combine reads a
+            // channel's k * channel_div partials of each chunk side by side.
+            A *partial = static_cast<A *>(a.partial) + block_x * width * Op::K;
+            const unsigned div = (unsigned)a.channel_div, k = (unsigned)width / cols;
 #pragma unroll
             for (int v = 0; v < V; ++v) {
-                const long long col = pack_col * V + v;
-                for (int k = 0; k < Op::K; ++k) {
-                    partial[(block_x * cols + col) * Op::K + k] =
-                        VF_SHARED(shared, tid * width + v * L::KK + k);
+                const unsigned j = ((unsigned)j0 + v + skew) % (unsigned)width;
+                const unsigned col = j % cols, c = col / div;
+                const unsigned slot = (c * k + j / cols) * div + (col - c * div);
+                for (int q = 0; q < Op::K; ++q) {
+                    partial[slot * Op::K + q] = VF_SHARED(shared, tid * pack_sums + v * L::KK + q);
                 }
             }
         }

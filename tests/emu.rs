@@ -97,8 +97,9 @@ fn emu_tile_traversal_wide_and_short_rows() {
     check_shape(&launcher, &[3, 1100, 2, 1], &[Mem::ChannelsLast]);
     // NCHW with short rows (S = 20) and many channels: the [N][C*S] tile view, channel = col / S.
     check_shape(&launcher, &[4, 70, 4, 5], &[Mem::Contiguous]);
-    // Enough rows for several row chunks per tile.
-    check_shape(&launcher, &[40, 3, 7, 9], &[Mem::ChannelsLast]);
+    // Enough rows for several row chunks per tile (a narrow view's chunk covers about 8K
+    // elements).
+    check_shape(&launcher, &[64, 3, 16, 16], &[Mem::ChannelsLast]);
     let launched = launcher.take_launched();
     assert!(
         launched.iter().all(|k| !k.contains("warp")),
@@ -106,32 +107,126 @@ fn emu_tile_traversal_wide_and_short_rows() {
     );
 }
 
+/// The traversal of every segment of every traversal launch recorded (`describe`), e.g.
+/// `tile+v`, `warp`.
+fn traversals(launched: &[String]) -> Vec<&str> {
+    launched
+        .iter()
+        .filter_map(|k| k.split_once('['))
+        .flat_map(|(_, kinds)| kinds.trim_end_matches(']').split(','))
+        .collect()
+}
+
+/// Whether there were traversals, all reading 16-byte packs.
+fn all_packed(launched: &[String]) -> bool {
+    let kinds = traversals(launched);
+    !kinds.is_empty() && kinds.iter().all(|k| k.ends_with("+v"))
+}
+
 #[test]
-fn emu_misaligned_views_take_the_scalar_path() {
-    // A view starting one element into its storage is not 16-byte aligned: the plan must fall
-    // back to element accesses and still be exact.
+fn emu_tile_traversal_any_column_count_in_packs() {
+    // Column counts that are multiples of no pack width: the tile traversal walks super-rows
+    // of k rows (k * cols a multiple of the pack) in 16-byte packs, the view's last partial
+    // pack element by element. Channels-last with C = 3, 5, 255, 1001; [N, C] with odd C;
+    // NCHW with short rows and an odd C * S.
     let launcher = Arc::new(EmuLauncher::default());
-    let op = emulated(&launcher);
-    for kind in KINDS {
-        for shape in [vec![2i64, 3, 600], vec![5, 12]] {
-            let numel: i64 = shape.iter().product();
-            let offset_view = |t: Tensor| t.narrow(0, 1, numel).view(&shape[..]);
-            for opts in all_options() {
-                let m = offset_view(random(&[numel + 1], kind, Mem::Contiguous))
-                    .set_requires_grad(true);
-                let t = offset_view(random(&[numel + 1], kind, Mem::Contiguous));
-                let a = random_log_scale(shape[1], Kind::Float).set_requires_grad(true);
-                let up = random_upstream(&shape, kind, &opts);
-                let what = format!("emu misaligned {shape:?} {kind:?} {opts:?}");
-                check_op_with(&op, &what, &m, &t, &a, &opts, &up);
-            }
-        }
+    for shape in [
+        [5i64, 3, 7, 9],
+        [3, 5, 4, 7],
+        [2, 255, 3, 5],
+        [2, 1001, 1, 3],
+    ] {
+        check_shape(&launcher, &shape, &[Mem::ChannelsLast]);
+    }
+    for shape in [
+        vec![37i64, 7],
+        vec![5, 1001],
+        vec![3, 5, 3, 3],
+        vec![4, 7, 1, 5],
+    ] {
+        check_shape(&launcher, &shape, &[Mem::Contiguous]);
     }
     let launched = launcher.take_launched();
     assert!(
-        launched.iter().all(|k| !k.contains("+v")),
-        "misaligned views read in 16-byte packs: {launched:?}"
+        all_packed(&launched),
+        "a traversal did not read 16-byte packs: {launched:?}"
     );
+}
+
+/// `shape` in `mem`, `offset` elements into a fresh storage: the base lies past a 16-byte
+/// boundary unless `offset` is a multiple of the pack.
+fn offset_random(shape: &[i64], kind: Kind, mem: Mem, offset: i64) -> Tensor {
+    let numel: i64 = shape.iter().product();
+    let flat = random(&[numel + offset], kind, Mem::Contiguous).narrow(0, offset, numel);
+    match mem {
+        Mem::Contiguous => flat.view(shape),
+        Mem::ChannelsLast => {
+            let (order, inverse) = channels_last_perms(shape.len());
+            let nhwc: Vec<i64> = order.iter().map(|&d| shape[d as usize]).collect();
+            flat.view(&nhwc[..]).permute(&inverse[..])
+        }
+    }
+}
+
+#[test]
+fn emu_misaligned_views_take_packs_when_their_offsets_agree() {
+    // Views starting 1 or 3 elements into their storage: the warp and tile traversals start
+    // their packs at the first 16-byte boundary (outputs are allocated with the same offset),
+    // with the elements before it and after the last one walked one by one. Views whose
+    // offsets differ have no common pack boundaries and take element accesses.
+    let launcher = Arc::new(EmuLauncher::default());
+    let op = emulated(&launcher);
+    let cases = [
+        (vec![2i64, 3, 600], Mem::Contiguous),
+        (vec![5, 12], Mem::Contiguous),
+        (vec![3, 5, 2, 3], Mem::Contiguous),
+        (vec![2, 5, 3, 4], Mem::ChannelsLast),
+        // Several column tiles; several row chunks.
+        (vec![6, 1001], Mem::Contiguous),
+        (vec![32, 3, 16, 16], Mem::ChannelsLast),
+    ];
+    for (target_offset, packed) in [(None, true), (Some(0), false)] {
+        for kind in KINDS {
+            for (shape, mem) in &cases {
+                for offset in [1, 3] {
+                    for opts in all_options() {
+                        let numel: i64 = shape.iter().product();
+                        if kind == Kind::Half
+                            && opts.reduction_mode() == Reduction::Sum
+                            && numel > 8192
+                        {
+                            continue; // beyond f16's range, as in check_shape
+                        }
+                        let m = offset_random(shape, kind, *mem, offset).set_requires_grad(true);
+                        let t = offset_random(shape, kind, *mem, target_offset.unwrap_or(offset));
+                        let a = random_log_scale(shape[1], Kind::Float).set_requires_grad(true);
+                        let up = if opts.reduction_mode() == Reduction::None {
+                            offset_random(shape, kind, *mem, offset)
+                        } else {
+                            random_upstream(shape, kind, &opts)
+                        };
+                        let what = format!(
+                            "emu misaligned {shape:?} {mem:?} {kind:?} offset {offset} target {target_offset:?} {opts:?}"
+                        );
+                        check_op_with(&op, &what, &m, &t, &a, &opts, &up);
+                    }
+                }
+            }
+        }
+        let launched = launcher.take_launched();
+        let kinds = traversals(&launched);
+        if packed {
+            assert!(
+                all_packed(&launched),
+                "misaligned views with one offset not read in packs: {launched:?}"
+            );
+        } else {
+            assert!(
+                !kinds.is_empty() && kinds.iter().all(|k| !k.ends_with("+v")),
+                "views with different offsets read in packs: {launched:?}"
+            );
+        }
+    }
 }
 
 #[test]

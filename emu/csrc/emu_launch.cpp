@@ -410,6 +410,15 @@ class Engine {
     }
   }
 
+  [[noreturn]] void misaligned(const void *address, std::size_t bytes, const char *file,
+                              int line) {
+    char at[32];
+    std::snprintf(at, sizeof at, "%p", address);
+    fault(who(running("a vector access")) + " accesses " + std::to_string(bytes) +
+          " bytes at " + at + " at " + site(file, line) + ", not " + std::to_string(bytes) +
+          "-byte aligned");
+  }
+
   [[noreturn]] void out_of_bounds(const char *name, long long index, std::size_t count,
                                   const char *file, int line) {
     fault(who(running("a shared-memory access")) + " indexes " + name + "[" +
@@ -775,6 +784,10 @@ void shared_access(const SharedAccess &access, bool write) { engine.access(acces
 void shared_out_of_bounds(const char *name, long long index, std::size_t count,
                           const char *file, int line) {
   engine.out_of_bounds(name, index, count, file, line);
+}
+
+void misaligned_access(const void *address, std::size_t bytes, const char *file, int line) {
+  engine.misaligned(address, bytes, file, line);
 }
 
 void preempt_point() { engine.preempt(); }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <cstdint>
 #include <cstring>
 #include <math.h>  // float overloads such as exp(float) in the global namespace, as in CUDA
 #include <type_traits>
@@ -200,6 +201,15 @@ struct SharedAccess {
 
 // Checks and records one read or write; may switch fibers first.
 void shared_access(const SharedAccess &access, bool write);
+// A vector access of `bytes` bytes at an address that is not a multiple of `bytes`: on a GPU,
+// a misaligned-address fault.
+[[noreturn]] void misaligned_access(const void *address, std::size_t bytes, const char *file,
+                                    int line);
+inline void check_aligned(const void *address, std::size_t bytes, const char *file, int line) {
+  if (reinterpret_cast<std::uintptr_t>(address) % bytes != 0) {
+    misaligned_access(address, bytes, file, line);
+  }
+}
 [[noreturn]] void shared_out_of_bounds(const char *name, long long index, std::size_t count,
                                        const char *file, int line);
 // A point where the running fiber may be preempted (atomics).
@@ -285,6 +295,8 @@ class SharedArray {
   const ::vf_emu::detail::SharedArray<type> name(                                        \
       ::vf_emu::detail::dynamic_shared(sizeof(type), alignof(type)), #name)
 #define VF_SHARED(name, index) (name).at((index), __FILE__, __LINE__)
+#define VF_CHECK_ALIGNED(address, bytes)                                                 \
+  ::vf_emu::detail::check_aligned((address), (bytes), __FILE__, __LINE__)
 
 // ---------------------------------------------------------------------------------------
 // Synchronisation. The defaulted site arguments name the barrier in deadlock reports.

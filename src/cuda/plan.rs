@@ -53,7 +53,9 @@ struct TraverseArgs {
     channel_div: i64,
     tile_x: i64,
     vectorized: i64,
-    unused: [f64; 3],
+    phase: i64,
+    elements: i64,
+    cols: i64,
 }
 
 /// Segments per grouped launch (kernels/vid.cu: kMaxSegments); larger groups take several.
@@ -233,6 +235,20 @@ fn acc_kind(kind: Kind) -> Kind {
     }
 }
 
+/// Elements from the 16-byte boundary at or below `t`'s base to the base, if a whole number.
+fn phase(t: &Tensor, elt: usize) -> Option<usize> {
+    let offset = (ptr(t) % 16) as usize;
+    (offset % elt == 0).then_some(offset / elt)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// How a traversal walks the problem, and where its partial sums go.
 #[derive(Debug, Clone, Copy)]
 struct Traversal {
@@ -247,19 +263,26 @@ struct Traversal {
     channel_div: usize,
     tile_x: usize,
     vectorized: bool,
+    /// Elements from the 16-byte boundary below every tensor's base to the base.
+    phase: usize,
+    /// Tile: elements and columns of the `[rows][cols]` view (`rows` and `row_len` above
+    /// describe its super-rows).
+    elements: usize,
+    cols: usize,
     /// Partial slots per (outer, channel): partial[((o * C + c) * inner + j) * K + k].
     outer: usize,
     inner: usize,
 }
 
 impl Traversal {
-    fn plan(geometry: &Geometry, pack: usize, aligned: bool) -> Result<Traversal> {
+    /// `phase`: where every tensor's base lies past a 16-byte boundary, in elements, when all
+    /// agree (packs then start at the same elements of each), else `None` (no packs).
+    fn plan(geometry: &Geometry, pack: usize, phase: Option<usize>) -> Result<Traversal> {
         let (n, c, s) = (geometry.batch, geometry.channels, geometry.inner);
         match geometry.layout {
             Layout::ChannelsFirst if s >= WARP_MIN_ROW => {
-                // Rows whose length is not a multiple of the pack are walked in packs too,
+                // Rows that start or end between pack boundaries are walked in packs too,
                 // with scalar heads and tails (kernels/vid.cu: warp_traverse).
-                let vectorized = aligned;
                 let segments = s.div_ceil(WARP_SEGMENT);
                 let items = (n * c * segments) as u64;
                 let blocks = items.div_ceil(WARPS_PER_BLOCK) as usize;
@@ -272,36 +295,48 @@ impl Traversal {
                     seg_len: WARP_SEGMENT,
                     channel_div: 1,
                     tile_x: 0,
-                    vectorized,
+                    vectorized: phase.is_some(),
+                    phase: phase.unwrap_or(0),
+                    elements: 0,
+                    cols: 0,
                     outer: n,
                     inner: segments,
                 })
             }
             // Short NCHW rows: the [N][C * S] view, channel = column / S.
-            Layout::ChannelsFirst => Self::tile(n, c * s, s, pack, aligned),
-            Layout::ChannelsLast => Self::tile(n * s, c, 1, pack, aligned),
+            Layout::ChannelsFirst => Self::tile(n, c * s, s, pack, phase),
+            Layout::ChannelsLast => Self::tile(n * s, c, 1, pack, phase),
         }
     }
 
-    /// The tile traversal of a `[rows][cols]` view. Every choice follows from the shape and
-    /// dtype alone (never from the GPU), so the partial sums, and the result's bits, are the
-    /// same on every GPU model.
+    /// The tile traversal of a `[rows][cols]` view, walked as super-rows of the k rows
+    /// that make a multiple of the pack (kernels/vid.cu: tile_traverse). Every choice follows
+    /// from the shape, dtype and `phase` alone (never from the GPU), so the partial sums, and
+    /// the result's bits, are the same on every GPU model.
     fn tile(
         rows: usize,
         cols: usize,
         channel_div: usize,
         pack: usize,
-        aligned: bool,
+        phase: Option<usize>,
     ) -> Result<Traversal> {
-        if u32::try_from(cols).is_err() {
+        // The kernel adds a column and a row's width in 32 bits: widths below 2^31.
+        let fits = |width: usize| width < 1 << 31;
+        if !fits(cols) {
             return Err(VidError::invalid(
                 "mean",
-                format!("{cols} columns exceed the kernels' 32-bit column index"),
+                format!("{cols} columns exceed the kernels' 31-bit column index"),
             ));
         }
-        let vectorized = aligned && cols % pack == 0;
-        let width = if vectorized { pack } else { 1 };
-        let pack_cols = cols / width;
+        let super_row = pack / gcd(cols, pack) * cols;
+        let (width, phase) = match phase {
+            Some(phase) if fits(super_row) => (pack, phase),
+            _ => (1, 0),
+        };
+        let row_len = if width == 1 { cols } else { super_row };
+        let elements = rows * cols;
+        let super_rows = (elements + phase).div_ceil(row_len);
+        let pack_cols = row_len / width;
         // 16-byte packs hold `pack` elements: 16-bit inputs take twice the rows per chunk,
         // so partials stay the same fraction of the bytes.
         let chunk_rows = CHUNK_ROWS_F32 * (pack / 4).max(1);
@@ -311,21 +346,28 @@ impl Traversal {
             .next_power_of_two();
         let tile_x = pack_cols.min(wanted);
         let tile_y = BLOCK as usize / tile_x;
-        let seg_len = chunk_rows.max(tile_y).div_ceil(tile_y) * tile_y;
-        let chunks = rows.div_ceil(seg_len);
+        // Narrow views (a few packs per super-row) take more rows per chunk, so that a block
+        // still covers about TILE_BLOCK_ELEMENTS.
+        let rows_wanted = chunk_rows.max(TILE_BLOCK_ELEMENTS / row_len).max(tile_y);
+        let seg_len = rows_wanted.div_ceil(tile_y) * tile_y;
+        let chunks = super_rows.div_ceil(seg_len);
         let col_tiles = pack_cols.div_ceil(tile_x);
         Ok(Traversal {
             tile: true,
             blocks: chunks * col_tiles,
             grid_x: chunks,
-            rows,
-            row_len: cols,
+            rows: super_rows,
+            row_len,
             seg_len,
             channel_div,
             tile_x,
-            vectorized,
+            vectorized: width > 1,
+            phase,
+            elements,
+            cols,
             outer: chunks,
-            inner: channel_div,
+            // Each chunk has a partial per column of a super-row: k per column of the view.
+            inner: row_len / cols * channel_div,
         })
     }
 
@@ -343,6 +385,9 @@ impl Traversal {
             channel_div: self.channel_div as i64,
             tile_x: self.tile_x as i64,
             vectorized: self.vectorized as i64,
+            phase: self.phase as i64,
+            elements: self.elements as i64,
+            cols: self.cols as i64,
             ..TraverseArgs::default()
         }
     }
@@ -381,23 +426,45 @@ impl<'a> Prepared<'a> {
         Ok(Tensor::f_empty(size, (kind, self.problem.device()))?)
     }
 
+    /// An uninitialised tensor with `mean`'s shape and strides whose base lies as far past a
+    /// 16-byte boundary as `mean`'s, so that a misaligned view is still walked in packs.
     fn empty_like_input(&self, needed: bool) -> Result<Option<Tensor>> {
-        needed
-            .then(|| self.problem.mean.f_empty_like())
-            .transpose()
-            .map_err(VidError::from)
+        if !needed {
+            return Ok(None);
+        }
+        let mean = &self.problem.mean;
+        let elt = mean.kind().elt_size_in_bytes();
+        match phase(mean, elt) {
+            Some(offset) if offset > 0 => {
+                let buffer = Tensor::f_empty(
+                    [(self.geometry().numel() + offset) as i64],
+                    (mean.kind(), mean.device()),
+                )?;
+                let out = Tensor::f_empty([0], (mean.kind(), mean.device()))?
+                    .f_set_source_tensor_storage_offset_(
+                        &buffer,
+                        offset as i64,
+                        mean.size(),
+                        mean.stride(),
+                    )?;
+                Ok(Some(out))
+            }
+            _ => Ok(Some(mean.f_empty_like()?)),
+        }
     }
 
     /// Plans a traversal over mean/target and the given per-element tensors.
     fn traversal(&self, per_element: &[Option<&Tensor>]) -> Result<Traversal> {
         let p = self.problem;
-        let pack = 16 / p.kind().elt_size_in_bytes();
-        let aligned = [Some(&p.mean), Some(&p.target)]
-            .iter()
-            .chain(per_element)
+        let elt = p.kind().elt_size_in_bytes();
+        let mut phases = [Some(&p.mean), Some(&p.target)]
+            .into_iter()
+            .chain(per_element.iter().copied())
             .flatten()
-            .all(|t| ptr(t) % 16 == 0);
-        Traversal::plan(self.geometry(), pack, aligned)
+            .map(|t| phase(t, elt));
+        let first = phases.next().flatten();
+        let phase = first.filter(|_| phases.all(|q| q == first));
+        Traversal::plan(self.geometry(), 16 / elt, phase)
     }
 
     /// The arguments of a traversal of this problem (inputs filled in).
@@ -794,7 +861,17 @@ pub(crate) fn backward_unreduced<L: KernelLauncher + ?Sized>(
     let p = Prepared::new(problem)?;
     let grad_mean = p.empty_like_input(needs.mean)?;
     let grad_target = p.empty_like_input(needs.target)?;
-    let upstream = grad.f_to_kind(problem.kind())?;
+    // The upstream gradient in the inputs' dtype and at their offset from a 16-byte boundary:
+    // a copy when either differs (one pass, cheaper than walking every tensor element by
+    // element).
+    let kind = problem.kind();
+    let upstream = if grad.kind() == kind && ptr(grad) % 16 == ptr(&problem.mean) % 16 {
+        grad.shallow_clone()
+    } else {
+        let mut copy = p.empty_like_input(true)?.expect("needed");
+        copy.f_copy_(grad)?;
+        copy
+    };
     let traversal = p.traversal(&[Some(&upstream), grad_mean.as_ref(), grad_target.as_ref()])?;
     let channels = p.geometry().channels;
     let (_workspace, pieces, _) = Workspace::new(
@@ -964,7 +1041,7 @@ mod tests {
     fn traffic(g: &Geometry, kind: Kind) -> (f64, f64, Traversal) {
         let elt = kind.elt_size_in_bytes() as f64;
         let acc = acc_kind(kind).elt_size_in_bytes() as f64;
-        let t = Traversal::plan(g, 16 / kind.elt_size_in_bytes(), true).unwrap();
+        let t = Traversal::plan(g, 16 / kind.elt_size_in_bytes(), Some(0)).unwrap();
         let (n, c) = (g.numel() as f64, g.channels as f64);
         let partials = t.slots(g.channels) as f64 * acc;
         let forward = 2.0 * n * elt + 2.0 * partials + 2.0 * c * acc;
@@ -996,12 +1073,26 @@ mod tests {
                 });
             }
         }
-        for (n, c) in [(4096, 1000), (8192, 32000)] {
+        for (n, c) in [(4096, 1000), (8192, 32000), (16384, 1001)] {
             cases.push(Geometry {
                 batch: n,
                 channels: c,
                 inner: 1,
                 layout: Layout::ChannelsLast,
+            });
+        }
+        // Column counts that are multiples of no pack: RGB images channels-last, and short
+        // NCHW rows with an odd C * S.
+        for (n, c, s, layout) in [
+            (256, 3, 224 * 224, Layout::ChannelsLast),
+            (64, 255, 52 * 52, Layout::ChannelsLast),
+            (65536, 85, 3 * 3, Layout::ChannelsFirst),
+        ] {
+            cases.push(Geometry {
+                batch: n,
+                channels: c,
+                inner: s,
+                layout,
             });
         }
         let mut report = String::new();
@@ -1023,6 +1114,7 @@ mod tests {
                     f64::INFINITY
                 };
                 assert!(f <= allowed && b <= allowed, "{report}");
+                assert!(t.vectorized, "not in 16-byte packs\n{report}");
                 assert!(
                     t.blocks >= 2 * 2 * 170 || g.numel() < 1 << 23,
                     "too few blocks\n{report}"
