@@ -39,7 +39,7 @@ use tch::{nn, Device};
 
 use data::{Dataset, Rng, POOL_PER_CLASS};
 use models::{Layers, Method, RunData, RunSpec, Schedule, StudentKind, Teacher, VidInit, Weights};
-use report::{Phase, RunRecord};
+use report::{Ablation, Phase, RunRecord};
 
 /// Knowledge transfer with little data (Ahn et al. 2019, Table 2) on real MNIST digits:
 /// a CNN teacher, CNN and MLP students, the paper's eight methods, four training-set sizes.
@@ -372,25 +372,20 @@ fn main() -> anyhow::Result<()> {
             }
         }
         for &m in ablation_samples.iter().filter(|_| any_vid) {
-            let own = chosen(kind, m);
-            let variants = [
-                RunSpec {
-                    layers: Layers::Last,
-                    variance_lr: own,
-                    ..spec(kind, Method::Vid)
-                },
-                spec(kind, Method::Vid), // the variance at the network's learning rate
-                RunSpec {
-                    vid_init: VidInit::TchDefault,
-                    variance_lr: own,
-                    ..spec(kind, Method::Vid)
-                },
-            ];
-            for v in variants {
+            let protocol = RunSpec {
+                variance_lr: chosen(kind, m),
+                ..spec(kind, Method::Vid)
+            };
+            let largest = args
+                .variance_lr_candidates
+                .iter()
+                .copied()
+                .fold(sched.lr, f64::max);
+            for a in Ablation::ALL {
                 for seed in 0..seeds {
                     grid.push(Job {
-                        phase: Phase::Ablation,
-                        spec: v,
+                        phase: Phase::Ablation(a),
+                        spec: a.apply(protocol, largest),
                         m,
                         seed,
                     });
@@ -488,7 +483,7 @@ fn run_all(
                 let Some((i, job, subset)) = next else { break };
                 let data = match job.phase {
                     Phase::Selection => &val_data,
-                    Phase::Main | Phase::Ablation => &test_data,
+                    Phase::Main | Phase::Ablation(_) => &test_data,
                 };
                 let t0 = Instant::now();
                 let outcome =

@@ -214,6 +214,7 @@ fn dynamics_panel(
         .configure_mesh()
         .x_desc("training step (seed 0)")
         .y_desc("mean per-channel variance")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
         .draw()?;

@@ -15,8 +15,8 @@ pub enum Phase {
     Selection,
     /// The table: evaluated on the test digits.
     Main,
-    /// Variants of VID-I: evaluated on the test digits.
-    Ablation,
+    /// A variant of VID-I: evaluated on the test digits.
+    Ablation(Ablation),
 }
 
 impl Phase {
@@ -24,10 +24,62 @@ impl Phase {
         match self {
             Phase::Selection => "selection",
             Phase::Main => "main",
-            Phase::Ablation => "ablation",
+            Phase::Ablation(_) => "ablation",
         }
     }
 }
+
+/// What an ablation run changes in VID-I's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ablation {
+    OneLayer,
+    NetworkLr,
+    LargestLr,
+    TchInit,
+}
+
+impl Ablation {
+    pub const ALL: [Ablation; 4] = [
+        Ablation::OneLayer,
+        Ablation::NetworkLr,
+        Ablation::LargestLr,
+        Ablation::TchInit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Ablation::OneLayer => "one layer pair (the last block)",
+            Ablation::NetworkLr => "variance at the network's learning rate",
+            Ablation::LargestLr => "variance at the largest candidate learning rate",
+            Ablation::TchInit => "regressor with tch's default init (2.45x wider)",
+        }
+    }
+
+    /// The protocol's VID-I run `protocol` with this change; `largest`: the largest
+    /// candidate learning rate of the variance.
+    pub fn apply(self, protocol: RunSpec, largest: f64) -> RunSpec {
+        match self {
+            Ablation::OneLayer => RunSpec {
+                layers: Layers::Last,
+                ..protocol
+            },
+            Ablation::NetworkLr => RunSpec {
+                variance_lr: None,
+                ..protocol
+            },
+            Ablation::LargestLr => RunSpec {
+                variance_lr: Some(largest),
+                ..protocol
+            },
+            Ablation::TchInit => RunSpec {
+                vid_init: VidInit::TchDefault,
+                ..protocol
+            },
+        }
+    }
+}
+
+const PROTOCOL: &str = "protocol (both blocks, chosen learning rate, reference init)";
 
 pub struct RunRecord {
     pub phase: Phase,
@@ -60,13 +112,11 @@ pub struct RunInfo {
     pub wall_seconds: f64,
 }
 
-/// The ablation's name of a VID-I variant.
-fn variant(spec: &RunSpec) -> &'static str {
-    match (spec.layers, spec.variance_lr, spec.vid_init) {
-        (Layers::Last, _, _) => "one layer (the last block)",
-        (_, None, _) => "variance at the network's learning rate",
-        (_, _, VidInit::TchDefault) => "regressor with tch's default init (2.45x wider)",
-        _ => "protocol (both blocks, own learning rate, reference init)",
+/// The ablation's name of a run's VID-I variant.
+fn variant(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Ablation(a) => a.name(),
+        _ => PROTOCOL,
     }
 }
 
@@ -86,8 +136,8 @@ pub fn describe(
         spec.method.to_string(),
         100.0 * o.accuracy
     );
-    if phase == Phase::Ablation {
-        let _ = write!(s, " [{}]", variant(spec));
+    if let Phase::Ablation(a) = phase {
+        let _ = write!(s, " [{}]", a.name());
     }
     if let Some(lr) = spec.variance_lr.filter(|_| spec.method.uses_vid()) {
         let _ = write!(s, ", variance lr {lr}");
@@ -224,7 +274,7 @@ pub fn write_csvs(dir: &Path, records: &[RunRecord]) -> anyhow::Result<()> {
             r.spec.kind,
             r.spec.method,
             if r.spec.method.uses_vid() {
-                variant(&r.spec)
+                variant(r.phase)
             } else {
                 ""
             },
@@ -514,7 +564,7 @@ pub fn markdown(
     // the ablation
     let ablation: Vec<&RunRecord> = records
         .iter()
-        .filter(|r| r.phase == Phase::Ablation)
+        .filter(|r| matches!(r.phase, Phase::Ablation(_)))
         .collect();
     if !ablation.is_empty() {
         let mut ms: Vec<i64> = ablation.iter().map(|r| r.samples_per_class).collect();
@@ -544,19 +594,27 @@ pub fn markdown(
                 .map(|(k, m)| format!("{k}, M = {m}"))
                 .collect::<Vec<_>>(),
         );
-        let mut variants: Vec<&'static str> = vec![variant(&RunSpec {
-            kind: StudentKind::Cnn,
-            method: Method::Vid,
-            layers: Layers::All,
-            vid_init: VidInit::Reference,
-            variance_lr: Some(1.0),
-            trace_variance: false,
-        })];
-        for r in &ablation {
-            if !variants.contains(&variant(&r.spec)) {
-                variants.push(variant(&r.spec));
-            }
+        let mut variants = vec![PROTOCOL];
+        variants.extend(
+            Ablation::ALL
+                .iter()
+                .filter(|&&a| ablation.iter().any(|r| r.phase == Phase::Ablation(a)))
+                .map(|a| a.name()),
+        );
+        let _ = write!(s, "| (chosen learning rate of the variance) |");
+        for &(k, m) in &cols {
+            let lr = records
+                .iter()
+                .find(|r| {
+                    r.phase == Phase::Main
+                        && r.spec.kind == k
+                        && r.samples_per_class == m
+                        && r.spec.method == Method::Vid
+                })
+                .and_then(|r| r.spec.variance_lr);
+            let _ = write!(s, " {} |", lr.map_or("n/a".into(), |lr| lr.to_string()));
         }
+        s.push('\n');
         let _ = write!(s, "| student alone |");
         for &(k, m) in &cols {
             let st = main_cell(records, k, Method::Student, m);
@@ -573,11 +631,11 @@ pub fn markdown(
                 let cell: Vec<(u64, f64)> = records
                     .iter()
                     .filter(|r| {
-                        matches!(r.phase, Phase::Main | Phase::Ablation)
+                        matches!(r.phase, Phase::Main | Phase::Ablation(_))
                             && r.spec.kind == k
                             && r.spec.method == Method::Vid
                             && r.samples_per_class == m
-                            && variant(&r.spec) == v
+                            && variant(r.phase) == v
                     })
                     .map(|r| (r.seed, 100.0 * r.accuracy))
                     .collect();
