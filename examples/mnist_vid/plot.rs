@@ -36,6 +36,22 @@ fn register_font() -> anyhow::Result<()> {
     .map_err(|_| anyhow::anyhow!("the bundled font could not be parsed"))
 }
 
+/// The series legend, boxed, at `position`.
+fn legend<'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+    font_size: u32,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", font_size))
+        .draw()?;
+    Ok(())
+}
+
 fn title(kind: StudentKind) -> &'static str {
     match kind {
         StudentKind::Cnn => "CNN teacher -> CNN student",
@@ -123,13 +139,7 @@ pub fn accuracy(
                     .map(|&(x, y, _)| Circle::new((x, y), 3, c.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 14))
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight, 14)?;
     }
     root.present()?;
     Ok(())
@@ -228,13 +238,7 @@ fn dynamics_panel(
             .label(format!("M = {m}"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 14))
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight, 14)?;
     Ok(())
 }
 
@@ -297,12 +301,6 @@ fn fit_panel(
             ))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 13))
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, 13)?;
     Ok(())
 }
