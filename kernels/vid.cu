@@ -13,6 +13,9 @@
 //         thread keeps its columns, hence its channels. For channels-last ([N*S][C], channel
 //         = column) and for NCHW with small S ([N][C*S], channel = column / S).
 // Kernels are named vid_<op>_<traversal>_<dtype>; all take one argument struct by value.
+// A traversal launch loops over fixed chunks ("virtual blocks"): the grid is sized to the
+// GPU (2-4 waves) and each block takes virtual blocks b, b + gridDim.x, ...; what a virtual
+// block computes and writes depends on its index alone, so no result bit depends on the grid.
 // Traversal kernels declare __launch_bounds__(256, 2): with (256) alone, ptxas chose small
 // register spills in a few of them on sm_80/sm_89; the test suite holds zero spills.
 #include "common.cuh"
@@ -217,8 +220,8 @@ template <typename T, class Op, int V> struct Lane {
 
 // ---- warp traversal -------------------------------------------------------------------------
 
-// `block`: this block's index within the problem's own grid (a grouped launch runs several
-// problems' grids back to back).
+// `block`: the virtual block's index within the problem's own grid (a grouped launch runs
+// several problems' grids back to back).
 template <typename T, class Op, int V>
 __device__ void warp_traverse(const TraverseArgs &a, long long block) {
     typedef typename Traits<T>::Acc A;
@@ -226,7 +229,7 @@ __device__ void warp_traverse(const TraverseArgs &a, long long block) {
     const long long segments = (a.row_len + a.seg_len - 1) / a.seg_len;
     const long long item = block * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (item >= a.rows * segments) {
-        return; // whole warps only: no block-level barrier follows
+        return; // whole warps only: this traversal has no block-level barrier
     }
     const long long row = item / segments;
     const long long seg = item - row * segments;
@@ -284,7 +287,7 @@ __device__ void warp_traverse(const TraverseArgs &a, long long block) {
 
 const int kBlock = 256;
 
-// (`block_x`, `block_y`): this block's chunk of super-rows and column tile within the
+// (`block_x`, `block_y`): the virtual block's chunk of super-rows and column tile within the
 // problem's grid. The view [rows][cols] is walked as super-rows of row_len = k * cols
 // columns (the launcher picks k so that row_len is a multiple of V), so every thread keeps
 // its V columns, hence its channels, in every super-row. Element i sits at u = i + phase:
@@ -338,7 +341,10 @@ __device__ void tile_traverse(const TraverseArgs &a, long long block_x, long lon
     }
 
     if constexpr (Op::K > 0) {
-        // Sum the tile_y rows of partials of each column in a fixed tree order.
+        // Sum the tile_y rows of partials of each column in a fixed tree order. A thread
+        // writes only its own slots (by tid and V; another V is another array), and after
+        // the last barrier only their owner reads them: the next virtual block may write
+        // them with no barrier in between.
         const int pack_sums = V * L::KK;
         VF_SHARED_ARRAY(A, shared, kBlock * V * L::KK);
         if (active) {
@@ -427,12 +433,15 @@ struct TraverseSegment {
 struct TraverseGroupArgs {
     long long count;
     unsigned int *done;    // zeroed here (block 0) for the next launch's last-block epilogue
+    long long blocks;      // virtual blocks of all segments
     TraverseSegment seg[kMaxSegments];
 };
 
-template <typename S> __device__ __forceinline__ int find_segment(const S *seg, long long count) {
+// The segment of (virtual) block `block`.
+template <typename S>
+__device__ __forceinline__ int find_segment(const S *seg, long long count, long long block) {
     int s = 0;
-    while (s + 1 < count && (long long)blockIdx.x >= seg[s + 1].block_begin) {
+    while (s + 1 < count && block >= seg[s + 1].block_begin) {
         ++s;
     }
     return s;
@@ -448,7 +457,7 @@ template <typename S> struct SegmentBlock {
 
 template <typename S>
 __device__ __forceinline__ SegmentBlock<S> segment_block(const S *seg, long long count) {
-    const int s = find_segment(seg, count);
+    const int s = find_segment(seg, count, (long long)blockIdx.x);
     const long long next = s + 1 < count ? seg[s + 1].block_begin : (long long)gridDim.x;
     return SegmentBlock<S>{seg[s], (long long)blockIdx.x - seg[s].block_begin,
                            next - seg[s].block_begin};
@@ -458,20 +467,23 @@ template <typename T, class Op> __device__ void group_traverse(const TraverseGro
     if (g.done != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
         *g.done = 0u;
     }
-    const TraverseSegment &seg = g.seg[find_segment(g.seg, g.count)];
-    const long long block = (long long)blockIdx.x - seg.block_begin;
     const int V = VecWidth<T>::value;
-    if (seg.tile) {
-        const long long bx = block % seg.grid_x, by = block / seg.grid_x;
-        if (seg.args.vectorized) {
-            tile_traverse<T, Op, V>(seg.args, bx, by);
+    // Uniform across the block, so the tile traversal's barriers are safe.
+    for (long long b = blockIdx.x; b < g.blocks; b += gridDim.x) {
+        const TraverseSegment &seg = g.seg[find_segment(g.seg, g.count, b)];
+        const long long block = b - seg.block_begin;
+        if (seg.tile) {
+            const long long bx = block % seg.grid_x, by = block / seg.grid_x;
+            if (seg.args.vectorized) {
+                tile_traverse<T, Op, V>(seg.args, bx, by);
+            } else {
+                tile_traverse<T, Op, 1>(seg.args, bx, by);
+            }
+        } else if (seg.args.vectorized) {
+            warp_traverse<T, Op, V>(seg.args, block);
         } else {
-            tile_traverse<T, Op, 1>(seg.args, bx, by);
+            warp_traverse<T, Op, 1>(seg.args, block);
         }
-    } else if (seg.args.vectorized) {
-        warp_traverse<T, Op, V>(seg.args, block);
-    } else {
-        warp_traverse<T, Op, 1>(seg.args, block);
     }
 }
 

@@ -280,6 +280,71 @@ fn emu_results_are_bitwise_deterministic() {
     }
 }
 
+/// SM counts a launcher reports: unknown (one block per chunk), 1 and 2 (8 and 16 blocks,
+/// each looping over several chunks, across segments and traversals), and real GPUs.
+const MULTIPROCESSORS: [Option<u32>; 6] = [None, Some(1), Some(2), Some(46), Some(132), Some(170)];
+
+/// Asserts that every traversal grid recorded covers all chunks or 2-4 waves of 2 blocks per
+/// SM, and returns whether some block looped over several chunks.
+fn grids_in_waves(launcher: &EmuLauncher, sms: Option<u32>) -> bool {
+    let grids = launcher.take_grids();
+    assert!(!grids.is_empty(), "no traversal launch");
+    let wave = 2 * sms.unwrap_or(u32::MAX / 8) as i64;
+    for g in &grids {
+        let blocks = g.blocks as i64;
+        let all = blocks == g.virtual_blocks.max(1);
+        assert!(
+            blocks <= 4 * wave && (all || (blocks >= 2 * wave && blocks < g.virtual_blocks)),
+            "{sms:?} SMs: {g:?}"
+        );
+    }
+    grids.iter().any(|g| (g.blocks as i64) < g.virtual_blocks)
+}
+
+#[test]
+fn emu_results_are_bitwise_identical_whatever_the_grid() {
+    // 16-64 chunks each: warp segments, tile row chunks, column tiles (C = 1100), in packs
+    // and (tensors at different offsets from a 16-byte boundary) element by element.
+    let cases = [
+        (vec![4i64, 32, 600], Mem::Contiguous, 0),
+        (vec![64, 8, 16, 16], Mem::ChannelsLast, 0),
+        (vec![48, 1100, 3, 1], Mem::ChannelsLast, 0),
+        (vec![4, 32, 600], Mem::Contiguous, 1),
+        (vec![64, 8, 16, 16], Mem::ChannelsLast, 1),
+    ];
+    for kind in [Kind::Float, Kind::BFloat16] {
+        for (shape, mem, target_offset) in &cases {
+            for opts in [
+                VidOptions::default().reduction(Reduction::Sum),
+                VidOptions::default().reduction(Reduction::None),
+            ] {
+                let m = offset_random(shape, kind, *mem, 0).set_requires_grad(true);
+                let t = offset_random(shape, kind, *mem, *target_offset).set_requires_grad(true);
+                let a = random_log_scale(shape[1], Kind::Float).set_requires_grad(true);
+                let up = random_upstream(shape, kind, &opts);
+                let mut first: Option<Checked> = None;
+                let mut looped = false;
+                for sms in MULTIPROCESSORS {
+                    let launcher = Arc::new(EmuLauncher::with_multiprocessors(sms));
+                    let what = format!("emu {shape:?} {mem:?} {kind:?} {opts:?} {sms:?} SMs");
+                    let got = check_op_with(&emulated(&launcher), &what, &m, &t, &a, &opts, &up);
+                    looped |= grids_in_waves(&launcher, sms);
+                    let Some(first) = &first else {
+                        first = Some(got);
+                        continue;
+                    };
+                    assert!(got.loss.equal(&first.loss), "{what}: loss bits");
+                    for (g, f) in got.grads.iter().zip(&first.grads) {
+                        let (g, f) = (g.as_ref().unwrap(), f.as_ref().unwrap());
+                        assert!(g.equal(f), "{what}: gradient bits");
+                    }
+                }
+                assert!(looped, "{shape:?} {kind:?}: no block looped over chunks");
+            }
+        }
+    }
+}
+
 #[test]
 fn emu_launch_failure_is_an_error_not_a_panic() {
     // A launcher whose kernels all fail: the op must return the launch error.

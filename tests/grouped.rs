@@ -352,3 +352,47 @@ fn emu_grouped_mixed_and_many_terms_match_the_cpu() {
         }
     }
 }
+
+/// With 1 or 2 SMs (8 or 16 blocks) a block loops over chunks of several segments, warp and
+/// tile, of one grouped launch: the loss and gradients have the same bits on every grid.
+#[test]
+fn emu_grouped_bitwise_identical_whatever_the_grid() {
+    let mut pairs = mixed_pairs();
+    pairs.push(Pair::new(
+        &[4, 32, 600],
+        Kind::Float,
+        Kind::Float,
+        Mem::Contiguous,
+        0.5,
+    ));
+    pairs.push(Pair::new(
+        &[64, 8, 16, 16],
+        Kind::Float,
+        Kind::Float,
+        Mem::ChannelsLast,
+        1.5,
+    ));
+    let opts = VidOptions::default();
+    let inputs: Vec<&Tensor> = pairs.iter().flat_map(|p| [&p.mean, &p.log_scale]).collect();
+    let cpu_loss = f_vid_loss_grouped(&terms(&pairs), &opts).unwrap();
+    let mut first: Option<(Tensor, Vec<Tensor>)> = None;
+    for sms in [None, Some(1), Some(2), Some(46), Some(170)] {
+        let launcher = Arc::new(EmuLauncher::with_multiprocessors(sms));
+        let loss = emulated_grouped(&launcher, &terms(&pairs), &opts).unwrap();
+        let grads = Tensor::run_backward(&[&loss], &inputs, false, false);
+        let looped = launcher
+            .take_grids()
+            .iter()
+            .any(|g| (g.blocks as i64) < g.virtual_blocks);
+        assert_eq!(looped, sms == Some(1) || sms == Some(2), "{sms:?} SMs");
+        let Some((first_loss, first_grads)) = &first else {
+            assert_close("total", &loss, &cpu_loss, 0.0, 1e-5);
+            first = Some((loss, grads));
+            continue;
+        };
+        assert!(loss.equal(first_loss), "{sms:?} SMs: total bits");
+        for (i, (g, f)) in grads.iter().zip(first_grads).enumerate() {
+            assert!(g.equal(f), "{sms:?} SMs: input {i} gradient bits");
+        }
+    }
+}

@@ -36,6 +36,9 @@ pub(crate) struct DeviceKernels {
     ordinal: usize,
     context: Arc<CudaContext>,
     target: Target,
+    /// `None` when the driver reports no positive count (traversals then launch one block
+    /// per chunk).
+    multiprocessors: Option<u32>,
     parts: [PartSlot; 5],
 }
 
@@ -73,10 +76,16 @@ fn open(ordinal: usize) -> Result<DeviceKernels> {
         .compute_capability()
         .map_err(driver_error("cuDeviceGetAttribute"))?;
     let target = nvrtc::select_target(capability, &nvrtc::supported_archs()?)?;
+    let multiprocessors = context
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(driver_error(
+            "cuDeviceGetAttribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)",
+        ))?;
     Ok(DeviceKernels {
         ordinal,
         context,
         target,
+        multiprocessors: u32::try_from(multiprocessors).ok().filter(|&n| n > 0),
         parts: Default::default(),
     })
 }
@@ -274,5 +283,9 @@ impl KernelLauncher for StreamLauncher<'_> {
             kernel: kernel.into(),
             message: format!("{e:?}"),
         })
+    }
+
+    fn multiprocessor_count(&self) -> Result<Option<u32>> {
+        Ok(self.kernels.multiprocessors)
     }
 }

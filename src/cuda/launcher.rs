@@ -25,4 +25,11 @@ pub struct LaunchConfig {
 pub trait KernelLauncher {
     /// Launches `kernel` asynchronously (on a GPU: on PyTorch's current stream).
     fn launch(&self, kernel: &str, config: LaunchConfig, params: &mut [*mut c_void]) -> Result<()>;
+
+    /// Streaming multiprocessors of the device, which size the traversal grids (2-4 waves of
+    /// blocks looping over the plan's fixed chunks) and never change a result bit. `None`
+    /// (the default) when unknown: one block per chunk.
+    fn multiprocessor_count(&self) -> Result<Option<u32>> {
+        Ok(None)
+    }
 }

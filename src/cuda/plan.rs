@@ -23,19 +23,23 @@ const WARPS_PER_BLOCK: u64 = BLOCK as u64 / 32;
 const WARP_MIN_ROW: usize = 512;
 /// Elements per warp segment (a multiple of every pack width).
 const WARP_SEGMENT: usize = 4096;
-/// Elements a tile block aims to cover: 8M elements make 1024 blocks, two waves of two
-/// blocks per SM on a 170-SM GPU.
+/// Elements a tile chunk (a virtual block) aims to cover: 8M elements make 1024 chunks, two
+/// waves of two blocks per SM on a 170-SM GPU.
 const TILE_BLOCK_ELEMENTS: usize = 8 * 1024;
 /// Rows of a tile chunk for 4-byte elements: each partial sum covers at least this many rows
 /// of its column, so an f32 partial is written and read once per 64 elements of each input
 /// (1.6% of the op's bytes).
 const CHUNK_ROWS_F32: usize = 64;
+/// Resident blocks per SM of the traversal kernels (kernels/vid.cu: __launch_bounds__(256, 2)).
+const BLOCKS_PER_SM: usize = 2;
+/// Waves of resident blocks a traversal grid covers at most (and at least 2 when it loops).
+const MAX_WAVES: usize = 4;
 /// The largest grid.y.
 const MAX_GRID_Y: usize = 65_535;
 
 /// Arguments of the traversal kernels; mirrors `vf::TraverseArgs` (all fields 8 bytes).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct TraverseArgs {
     mean: u64,
     target: u64,
@@ -63,7 +67,7 @@ const MAX_SEGMENTS: usize = 16;
 
 /// Mirrors `vf::TraverseSegment`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct TraverseSegment {
     args: TraverseArgs,
     tile: i64,
@@ -73,10 +77,50 @@ struct TraverseSegment {
 
 /// Mirrors `vf::TraverseGroupArgs`.
 #[repr(C)]
+#[derive(Debug, PartialEq)]
 struct TraverseGroupArgs {
     count: i64,
     done: u64,
+    /// Virtual blocks (the plan's fixed chunks) of all segments.
+    blocks: i64,
     seg: [TraverseSegment; MAX_SEGMENTS],
+}
+
+impl TraverseGroupArgs {
+    /// Up to MAX_SEGMENTS items, their virtual blocks back to back.
+    fn new(items: &[&TraverseItem<'_>], done: u64) -> TraverseGroupArgs {
+        let mut args = TraverseGroupArgs {
+            count: items.len() as i64,
+            done,
+            blocks: 0,
+            seg: [TraverseSegment::default(); MAX_SEGMENTS],
+        };
+        for (segment, item) in args.seg.iter_mut().zip(items) {
+            *segment = TraverseSegment {
+                args: item.args,
+                tile: item.traversal.tile as i64,
+                block_begin: args.blocks,
+                grid_x: item.traversal.grid_x as i64,
+            };
+            args.blocks += item.traversal.blocks as i64;
+        }
+        args
+    }
+}
+
+/// Blocks of a traversal launch over `blocks` virtual blocks: all of them up to MAX_WAVES
+/// waves of resident blocks, else 2 to MAX_WAVES waves, each block looping over an equal
+/// share (within one). Sizes the grid only: what each virtual block writes is fixed.
+fn traversal_grid(blocks: usize, multiprocessors: Option<u32>) -> usize {
+    let Some(sms) = multiprocessors.filter(|&n| n > 0) else {
+        return blocks;
+    };
+    let most = MAX_WAVES * BLOCKS_PER_SM * sms as usize;
+    if blocks <= most {
+        return blocks;
+    }
+    // ceil(blocks / per_block) <= most, and > most / 2 since blocks > most.
+    blocks.div_ceil(blocks.div_ceil(most))
 }
 
 /// Mirrors `vf::SumSegment`.
@@ -254,7 +298,8 @@ fn gcd(a: usize, b: usize) -> usize {
 struct Traversal {
     /// The tile traversal (else the warp traversal).
     tile: bool,
-    /// Blocks of the problem's own grid; tile: `grid_x` row chunks times the column tiles.
+    /// Virtual blocks (fixed chunks) of the problem's own grid; tile: `grid_x` row chunks
+    /// times the column tiles.
     blocks: usize,
     grid_x: usize,
     rows: usize,
@@ -541,6 +586,7 @@ struct TraverseItem<'p> {
     _problem: std::marker::PhantomData<&'p ()>,
 }
 
+/// A 1-D launch of `blocks` blocks (at least one) of BLOCK threads.
 fn launch_config(blocks: usize) -> Result<LaunchConfig> {
     let grid = u32::try_from(blocks)
         .ok()
@@ -553,6 +599,17 @@ fn launch_config(blocks: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// The arguments and grid of one traversal launch over up to MAX_SEGMENTS items.
+fn group_launch(
+    items: &[&TraverseItem<'_>],
+    done: u64,
+    multiprocessors: Option<u32>,
+) -> Result<(TraverseGroupArgs, LaunchConfig)> {
+    let args = TraverseGroupArgs::new(items, done);
+    let grid = traversal_grid(args.blocks as usize, multiprocessors);
+    Ok((args, launch_config(grid)?))
+}
+
 /// Launches op `op` over every item: one launch per dtype (and per MAX_SEGMENTS items).
 /// Block 0 of the first launch zeroes `done` (for a following last-block epilogue).
 fn traverse_group<L: KernelLauncher + ?Sized>(
@@ -561,6 +618,7 @@ fn traverse_group<L: KernelLauncher + ?Sized>(
     items: &[TraverseItem<'_>],
     done: u64,
 ) -> Result<()> {
+    let multiprocessors = launcher.multiprocessor_count()?;
     let mut dtypes: Vec<&str> = items.iter().map(|i| i.dtype).collect();
     dtypes.dedup();
     dtypes.sort_unstable();
@@ -568,23 +626,9 @@ fn traverse_group<L: KernelLauncher + ?Sized>(
     for dtype in dtypes {
         let same: Vec<&TraverseItem<'_>> = items.iter().filter(|i| i.dtype == dtype).collect();
         for chunk in same.chunks(MAX_SEGMENTS) {
-            let mut args = TraverseGroupArgs {
-                count: chunk.len() as i64,
-                done,
-                seg: [TraverseSegment::default(); MAX_SEGMENTS],
-            };
-            let mut blocks = 0usize;
-            for (segment, item) in args.seg.iter_mut().zip(chunk) {
-                *segment = TraverseSegment {
-                    args: item.args,
-                    tile: item.traversal.tile as i64,
-                    block_begin: blocks as i64,
-                    grid_x: item.traversal.grid_x as i64,
-                };
-                blocks += item.traversal.blocks;
-            }
+            let (mut args, config) = group_launch(chunk, done, multiprocessors)?;
             let kernel = format!("vid_{op}_group_{dtype}");
-            launch_with(launcher, &kernel, launch_config(blocks)?, &mut args)?;
+            launch_with(launcher, &kernel, config, &mut args)?;
         }
     }
     Ok(())
@@ -1049,11 +1093,33 @@ mod tests {
         (forward, backward, t)
     }
 
+    /// Every grid is all the chunks (up to 4 waves) or 2-4 waves; no SM count (unknown, or
+    /// a driver's 0) is one block per chunk.
+    #[test]
+    fn traversal_grids_cover_two_to_four_waves() {
+        for blocks in 0..20_000 {
+            assert_eq!(traversal_grid(blocks, None), blocks);
+            assert_eq!(traversal_grid(blocks, Some(0)), blocks);
+            for sms in [1u32, 2, 3, 46, 84, 108, 132, 170] {
+                let (grid, wave) = (traversal_grid(blocks, Some(sms)), 2 * sms as usize);
+                let ok = if blocks <= 4 * wave {
+                    grid == blocks
+                } else {
+                    (2 * wave..=4 * wave).contains(&grid)
+                };
+                assert!(ok, "{blocks} chunks, {sms} SMs: {grid} blocks");
+            }
+        }
+    }
+
+    /// SM counts of the modelled GPUs (T4's 40 aside: 46 to 170).
+    const DEVICES: [u32; 5] = [46, 84, 108, 132, 170];
+
     /// The plan's bytes are within 3% of the floor (reading the inputs; backward also
     /// writing the gradient) from 16M elements on (10% for [4096, 1000]), every case has
-    /// blocks for two waves of two blocks per SM on a 170-SM GPU, and the plan depends on
-    /// the shape alone (the launcher's SM count is not an input: the same partials, hence
-    /// the same bits, on every GPU).
+    /// chunks for two waves of two blocks per SM on a 170-SM GPU, every modelled GPU gets a
+    /// grid of 2-4 waves (all chunks when fewer), and only the grid depends on the GPU: the
+    /// kernels' arguments, hence the partials, the bytes and the result's bits, do not.
     #[test]
     fn traffic_is_near_the_bytes_floor_with_enough_blocks() {
         let maps: [[usize; 4]; 4] = [
@@ -1102,7 +1168,7 @@ mod tests {
                 let floor = g.numel() as f64 * kind.elt_size_in_bytes() as f64;
                 let (f, b) = (forward / (2.0 * floor), backward / (3.0 * floor));
                 report += &format!(
-                    "{g:?} {kind:?}: forward {f:.4}x, backward {b:.4}x the floor, {} blocks ({})\n",
+                    "{g:?} {kind:?}: forward {f:.4}x, backward {b:.4}x the floor, {} chunks ({})\n",
                     t.blocks,
                     if t.tile { "tile" } else { "warp" }
                 );
@@ -1119,6 +1185,24 @@ mod tests {
                     t.blocks >= 2 * 2 * 170 || g.numel() < 1 << 23,
                     "too few blocks\n{report}"
                 );
+                let item = TraverseItem {
+                    dtype: dtype_suffix(kind).unwrap(),
+                    traversal: t,
+                    args: t.args(g),
+                    _problem: Default::default(),
+                };
+                let (first, _) = group_launch(&[&item], 0, None).unwrap();
+                for sms in DEVICES {
+                    let (args, config) = group_launch(&[&item], 0, Some(sms)).unwrap();
+                    let (grid, wave) = (config.grid[0] as usize, 2 * sms as usize);
+                    report += &format!("  {sms} SMs: {grid} blocks\n");
+                    assert!(
+                        grid <= 4 * wave && (grid == t.blocks || grid >= 2 * wave),
+                        "grid not in 2-4 waves\n{report}"
+                    );
+                    // The arguments fix every chunk's partials (their slots and values).
+                    assert_eq!(args, first, "arguments depend on the GPU\n{report}");
+                }
             }
         }
         println!("{report}");
