@@ -12,7 +12,8 @@
 //   tile: a 2-D view [rows][cols] walked by blocks of (tile_x columns x 256/tile_x rows); each
 //         thread keeps its columns, hence its channels. For channels-last ([N*S][C], channel
 //         = column) and for NCHW with small S ([N][C*S], channel = column / S).
-// Kernels are named vid_<op>_<traversal>_<dtype>; all take one argument struct by value.
+// Kernels are named vid_<op>_group_<dtype> (each launch takes a table of problems, and every
+// block picks the traversal of its problem); all take one argument struct by value.
 // A traversal launch loops over fixed chunks ("virtual blocks"): the grid is sized to the
 // GPU (2-4 waves) and each block takes virtual blocks b, b + gridDim.x, ...; what a virtual
 // block computes and writes depends on its index alone, so no result bit depends on the grid.
