@@ -188,7 +188,7 @@ fn main() -> anyhow::Result<()> {
         "auto" => Device::cuda_if_available(),
         "cpu" => Device::Cpu,
         "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("--device cuda: libtorch sees no CUDA GPU (a CPU build of libtorch?)"),
+        "cuda" => bail!("--device cuda: libtorch sees no CUDA GPU (none here, no driver, or a CPU build of libtorch)"),
         other => bail!("--device {other:?}: expected auto, cpu or cuda"),
     };
     let on_gpu = device.is_cuda();
