@@ -448,6 +448,16 @@ struct Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
+    /// A traversal of this problem with `args`, ready for a grouped launch.
+    fn item(&self, traversal: Traversal, args: TraverseArgs) -> TraverseItem<'a> {
+        TraverseItem {
+            dtype: self.dtype,
+            traversal,
+            args,
+            _problem: Default::default(),
+        }
+    }
+
     fn new(problem: &'a VidProblem) -> Result<Self> {
         let acc = acc_kind(problem.kind());
         Ok(Prepared {
@@ -758,12 +768,7 @@ pub(crate) fn forward<L: KernelLauncher + ?Sized>(
     let mut args = p.traverse_args(&traversal);
     args.out = ptr(&loss);
     args.table = tables[0];
-    let item = TraverseItem {
-        dtype: p.dtype,
-        traversal,
-        args,
-        _problem: Default::default(),
-    };
+    let item = p.item(traversal, args);
     traverse_group(launcher, "loss", &[item], 0)?;
     Ok(ForwardOutput {
         loss,
@@ -797,14 +802,12 @@ fn sums_and_losses<L: KernelLauncher + ?Sized>(
         .iter()
         .zip(&traversals)
         .zip(&partials)
-        .map(|((p, t), &partial)| TraverseItem {
-            dtype: p.dtype,
-            traversal: *t,
-            args: TraverseArgs {
+        .map(|((p, t), &partial)| {
+            let args = TraverseArgs {
                 partial,
                 ..p.traverse_args(t)
-            },
-            _problem: Default::default(),
+            };
+            p.item(*t, args)
         })
         .collect();
     traverse_group(launcher, "sumsq", &items, done)?;
@@ -933,12 +936,7 @@ pub(crate) fn backward_unreduced<L: KernelLauncher + ?Sized>(
     args.out = optional_ptr(grad_mean.as_ref());
     args.out_negated = optional_ptr(grad_target.as_ref());
     args.partial = partials[0];
-    let item = TraverseItem {
-        dtype: p.dtype,
-        traversal,
-        args,
-        _problem: Default::default(),
-    };
+    let item = p.item(traversal, args);
     traverse_group(launcher, "grad_none", &[item], 0)?;
     let mut grads = Grads::default();
     if needs.log_scale {
@@ -1031,12 +1029,7 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
             args.table = table;
             args.out = optional_ptr(grad_mean.as_ref());
             args.out_negated = optional_ptr(grad_target.as_ref());
-            items.push(TraverseItem {
-                dtype: p.dtype,
-                traversal,
-                args,
-                _problem: Default::default(),
-            });
+            items.push(p.item(traversal, args));
         }
         let log_scale = if n.log_scale {
             Some(p.empty(&[p.geometry().channels as i64], p.acc)?)
