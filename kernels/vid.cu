@@ -711,7 +711,8 @@ struct LogScaleGroupArgs {
 
 // d loss / d alpha_c = 0.5 (A_c / var - B_c / var^2) sigmoid(alpha_c), with
 // (A, B) = g k (M, Q_c) for Mean/Sum and (R1_c, R2_c) for None; computed as
-// (A - B / var) / var, since var^2 underflows to 0 for var near the smallest normal.
+// (A - B / var) * (sigmoid / var), as the CPU does: var^2 underflows to 0 and A / var
+// overflows for var near the eps floor, where sigmoid / var stays near 1.
 template <typename A> __device__ void log_scale_grad(const LogScaleSegment &a, long long block, long long blocks) {
     const A *sums = static_cast<const A *>(a.sums);
     for (long long c = block * blockDim.x + threadIdx.x; c < a.channels;
@@ -732,7 +733,7 @@ template <typename A> __device__ void log_scale_grad(const LogScaleSegment &a, l
             second = (double)sums[2 * c + 1];
         }
         if (a.out != nullptr) {
-            static_cast<A *>(a.out)[c] = (A)(0.5 * ((first - second / var) / var) * sigmoid(alpha));
+            static_cast<A *>(a.out)[c] = (A)(0.5 * (first - second / var) * (sigmoid(alpha) / var));
         }
     }
 }

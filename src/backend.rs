@@ -90,8 +90,9 @@ impl Backend {
         }
     }
 
-    /// `grad` is the upstream gradient: a scalar for Mean/Sum (which take the grouped path,
-    /// as a group of one), else in the problem's layout.
+    /// `grad` is the upstream gradient as autograd hands it: a scalar for Mean/Sum (which
+    /// take the grouped path, as a group of one); for None a tensor of the inputs' shape, in
+    /// any layout.
     pub fn backward(
         &self,
         problem: &VidProblem,
@@ -102,17 +103,63 @@ impl Backend {
         if problem.options.reduction_mode() != crate::options::Reduction::None {
             let q = channel_sumsq
                 .ok_or_else(|| VidError::Internal("missing saved channel sums".into()))?;
-            let mut grads = self.backward_group(&[problem], &[q], grad, &[1.0], &[needs])?;
-            return grads
-                .pop()
-                .ok_or_else(|| VidError::Internal("no backward output".into()));
+            return self.backward_one(problem, q, grad, needs);
         }
+        if let Some(scalar) = problem.f_broadcast_scalar(grad)? {
+            return self.backward_unreduced_scalar(problem, &scalar, needs);
+        }
+        let grad = problem.f_in_layout(grad)?;
         match self {
-            Backend::Cpu => cpu::backward_unreduced(problem, grad, needs),
-            Backend::Cuda(ordinal) => cuda::backward_unreduced(*ordinal, problem, grad, needs),
+            Backend::Cpu => cpu::backward_unreduced(problem, &grad, needs),
+            Backend::Cuda(ordinal) => cuda::backward_unreduced(*ordinal, problem, &grad, needs),
             Backend::Launcher(launcher) => {
-                cuda::plan::backward_unreduced(launcher.as_ref(), problem, grad, needs)
+                cuda::plan::backward_unreduced(launcher.as_ref(), problem, &grad, needs)
             }
         }
+    }
+
+    /// The grouped backward of one problem whose loss receives the scalar `grad`.
+    fn backward_one(
+        &self,
+        problem: &VidProblem,
+        channel_sumsq: &Tensor,
+        grad: &Tensor,
+        needs: NeedsGrad,
+    ) -> Result<Grads> {
+        let mut grads =
+            self.backward_group(&[problem], &[channel_sumsq], grad, &[1.0], &[needs])?;
+        grads
+            .pop()
+            .ok_or_else(|| VidError::Internal("no backward output".into()))
+    }
+
+    /// None backward when every element's upstream gradient is the same scalar `g` (what
+    /// `loss.sum().backward()` hands over: a stride-0 expansion). Then the per-element
+    /// gradients are Sum's with upstream `g`, read in place instead of copying a full-size
+    /// upstream tensor; the log_scale gradient needs the per-channel sums of squares, one
+    /// extra read pass only when it is wanted.
+    fn backward_unreduced_scalar(
+        &self,
+        problem: &VidProblem,
+        grad: &Tensor,
+        needs: NeedsGrad,
+    ) -> Result<Grads> {
+        let channel_sumsq = if needs.log_scale {
+            let mut forward = self.forward_group(&[problem], &[1.0], tch::Kind::Float)?;
+            forward
+                .channel_sumsq
+                .pop()
+                .ok_or_else(|| VidError::Internal("no channel sums".into()))?
+        } else {
+            // Its values enter only the log_scale gradient, not wanted here; it only has to
+            // be the dtype each backend keeps the sums in (f64 on the CPU).
+            let kind = match self {
+                Backend::Cpu => tch::Kind::Double,
+                _ if problem.kind() == tch::Kind::Double => tch::Kind::Double,
+                _ => tch::Kind::Float,
+            };
+            Tensor::f_zeros([problem.geometry.channels as i64], (kind, problem.device()))?
+        };
+        self.backward_one(problem, &channel_sumsq, grad, needs)
     }
 }

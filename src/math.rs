@@ -87,22 +87,24 @@ impl ChannelParams {
     /// with `k` = upstream gradient times the reduction factor.
     pub fn log_scale_grad(&self, q: &[f64], m: f64, k: f64) -> Vec<f64> {
         (0..q.len())
-            .map(|c| {
-                let v = self.var[c];
-                // (m - q / v) / v, not m / v - q / v^2: v^2 underflows for v near the
-                // smallest normal.
-                k * 0.5 * ((m - q[c] / v) / v) * self.sigmoid[c]
-            })
+            .map(|c| self.channel_log_scale_grad(c, k * m, k * q[c]))
             .collect()
     }
 
     /// d loss / d alpha for None, from `r1 = sum G` and `r2 = sum G d^2` per channel.
     pub fn log_scale_grad_none(&self, r1: &[f64], r2: &[f64]) -> Vec<f64> {
         (0..r1.len())
-            .map(|c| {
-                let v = self.var[c];
-                0.5 * ((r1[c] - r2[c] / v) / v) * self.sigmoid[c]
-            })
+            .map(|c| self.channel_log_scale_grad(c, r1[c], r2[c]))
             .collect()
+    }
+
+    /// `0.5 * (a / var - b / var^2) * sigmoid(alpha)` of channel `c`, ordered so that no
+    /// intermediate overflows or underflows where the result does not: the reduction factor
+    /// is already in `a` and `b` (`M / var` alone overflows for var near the eps floor), and
+    /// `sigmoid / var` (at most about 1, as softplus >= sigmoid) is formed before meeting
+    /// `a - b / var` (`var^2` underflows to 0 there; `(a / var) * sigmoid` is inf * 0).
+    fn channel_log_scale_grad(&self, c: usize, a: f64, b: f64) -> f64 {
+        let v = self.var[c];
+        0.5 * (a - b / v) * (self.sigmoid[c] / v)
     }
 }

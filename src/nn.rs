@@ -173,19 +173,52 @@ impl VidConfig {
         x + (-(-x).exp_m1()).ln()
     }
 
-    fn validate(&self) -> Result<(), VidError> {
+    /// Checks the settings on their own and against the dtype of the VarStore that will
+    /// hold `log_scale` (`store_kind`): a config that every forward would refuse, or whose
+    /// initial `log_scale` the store cannot hold, is refused here, before any variable exists.
+    fn validate(&self, store_kind: Kind) -> Result<(), VidError> {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(VidError::invalid(
                 "cfg.eps",
-                format!("must be finite and > 0, got {}", self.eps),
+                format!("must be finite and > 0, got {:e}", self.eps),
+            ));
+        }
+        // The op refuses an eps below the smallest normal number of its accumulation type:
+        // f64 only for f64 features, which an f64 store implies (the modules compute in the
+        // features' dtype; f32 otherwise).
+        let (floor, acc_name) = if store_kind == Kind::Double {
+            (f64::MIN_POSITIVE, "f64")
+        } else {
+            (f32::MIN_POSITIVE as f64, "f32")
+        };
+        if self.eps < floor {
+            return Err(VidError::invalid(
+                "cfg.eps",
+                format!(
+                    "{:e} is below {floor:e}, the smallest normal {acc_name} (the accumulation \
+                     type of a VarStore of {store_kind:?}); every forward would refuse it",
+                    self.eps
+                ),
             ));
         }
         if !(self.init_variance.is_finite() && self.init_variance > self.eps) {
             return Err(VidError::invalid(
                 "cfg.init_variance",
                 format!(
-                    "must be finite and > eps ({}), got {}",
+                    "must be finite and > eps ({:e}), got {:e}",
                     self.eps, self.init_variance
+                ),
+            ));
+        }
+        let largest = largest_finite(store_kind);
+        if self.initial_log_scale().abs() > largest {
+            return Err(VidError::invalid(
+                "cfg.init_variance",
+                format!(
+                    "{:e} needs a log_scale of {:e}, beyond the largest finite {store_kind:?} \
+                     ({largest:e}) of the VarStore",
+                    self.init_variance,
+                    self.initial_log_scale()
                 ),
             ));
         }
@@ -198,6 +231,16 @@ impl VidConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The largest finite value of a float dtype (f64's for any other).
+fn largest_finite(kind: Kind) -> f64 {
+    match kind {
+        Kind::Float => f32::MAX as f64,
+        Kind::Half => half::f16::MAX.to_f64(),
+        Kind::BFloat16 => half::bf16::MAX.to_f64(),
+        _ => f64::MAX,
     }
 }
 
@@ -249,6 +292,21 @@ fn in_pair(k: usize, e: VidError) -> VidError {
         },
         other => other,
     }
+}
+
+/// A VarStore on a CUDA device that libtorch does not see is one clear line, not the
+/// C++ trace of a failed allocation.
+fn check_device(device: Device) -> Result<(), VidError> {
+    if let Device::Cuda(ordinal) = device {
+        let visible = tch::Cuda::device_count();
+        if ordinal as i64 >= visible {
+            return Err(VidError::CudaUnavailable(format!(
+                "the VarStore is on cuda:{ordinal}, but libtorch sees {visible} CUDA device(s) \
+                 (no GPU, no driver, or a CPU-only libtorch)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_dim(arg: &'static str, n: i64, what: &str) -> Result<(), VidError> {
@@ -334,10 +392,16 @@ impl PendingParams {
                 ));
             }
         }
+        check_device(vs.device())?;
         let mut params = Vec::with_capacity(specs.len());
         for spec in specs {
-            let tensor = nn::f_init(spec.init, &spec.dims, vs.device(), vs.kind())
-                .map_err(|e| VidError::Torch(format!("creating `{}`: {e}", spec.display_name())))?;
+            let tensor =
+                nn::f_init(spec.init, &spec.dims, vs.device(), vs.kind()).map_err(|e| {
+                    // libtorch's first line says what failed; the rest are C++ stack frames.
+                    let message = e.to_string();
+                    let first = message.lines().next().unwrap_or_default();
+                    VidError::Torch(format!("creating `{}`: {first}", spec.display_name()))
+                })?;
             params.push((spec, tensor));
         }
         Ok(PendingParams { params })
@@ -430,7 +494,7 @@ impl VidLoss {
         teacher_channels: i64,
         cfg: VidConfig,
     ) -> Result<PendingVidLoss, VidError> {
-        cfg.validate()?;
+        cfg.validate(vs.kind())?;
         check_dim("student_channels", student_channels, "the channel count")?;
         check_dim("teacher_channels", teacher_channels, "the channel count")?;
         let hidden = cfg.hidden_channels.unwrap_or(teacher_channels);
@@ -500,7 +564,7 @@ impl VidLoss {
         cfg: VidConfig,
     ) -> Result<VidLoss, VidError> {
         let vs = vs.borrow();
-        cfg.validate()?;
+        cfg.validate(vs.kind())?;
         check_dim("student_dim", student_dim, "the size")?;
         check_dim("teacher_dim", teacher_dim, "the size")?;
         let [ws, bs] = linear_specs(student_dim, teacher_dim);
@@ -549,7 +613,7 @@ impl VidLoss {
         cfg: VidConfig,
     ) -> Result<VidLoss, VidError> {
         let vs = vs.borrow();
-        cfg.validate()?;
+        cfg.validate(vs.kind())?;
         check_dim("student_dim", student_dim, "the size")?;
         check_dim("teacher_channels", teacher_channels, "the channel count")?;
         check_dim("size", size.0, "the height")?;

@@ -211,11 +211,7 @@ fn vid_loss_unguarded(
                 log_scale: needs[2],
             };
             let grads = autograd::no_grad(|| {
-                let grad = match problem.options.reduction_mode() {
-                    Reduction::None => problem.f_in_layout(grad)?,
-                    _ => grad.shallow_clone(),
-                };
-                backend.backward(&problem, channel_sumsq.as_ref(), &grad, needs)
+                backend.backward(&problem, channel_sumsq.as_ref(), grad, needs)
             })?;
             let log_scale = grads
                 .log_scale

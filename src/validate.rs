@@ -73,6 +73,17 @@ impl VidProblem {
         to_layout(&resolved(t)?, self.geometry.layout)
     }
 
+    /// When every element of `t` (a tensor of `mean`'s shape) is one value held once in
+    /// memory (all strides 0, as `loss.sum().backward()` hands over), that value as a 0-dim
+    /// alias, lazy negation resolved.
+    pub fn f_broadcast_scalar(&self, t: &Tensor) -> Result<Option<Tensor>> {
+        if t.numel() == 1 || t.stride().iter().any(|&s| s != 0) {
+            return Ok(None);
+        }
+        let scalar = t.f_as_strided([0i64; 0], [0i64; 0], None)?;
+        Ok(Some(resolved(&scalar)?))
+    }
+
     /// [`VidProblem::f_in_layout`], panicking on failure.
     #[allow(dead_code)]
     pub fn in_layout(&self, t: &Tensor) -> Tensor {
@@ -143,9 +154,16 @@ fn check_plain(name: &'static str, t: &Tensor) -> Result<bool> {
     Ok(facts.is_neg)
 }
 
-/// `t` (an alias, which backends only read through its memory), with a lazy negation
-/// (`_neg_view`) applied to the values in memory. Callers run under no-grad, so no copy made
-/// here is recorded by autograd.
+/// `t` as a tensor object of the op's own (which backends only read through its memory),
+/// with a lazy negation (`_neg_view`) applied to the values in memory. Callers run under
+/// no-grad, so no copy made here is recorded by autograd.
+///
+/// Never the caller's own tensor object (`shallow_clone` shares it): `Tensor::set_data`
+/// (and tch's `VarStore::double()`, `half()`, ... which use it) swaps that object's storage,
+/// dtype and strides without bumping its version counter, so a backward reading through it
+/// with forward-time geometry would read out of bounds. `detach()` makes a new object that
+/// keeps the forward-time storage alive and shares the version counter, so in-place changes
+/// are still detected by autograd's saved-variable check.
 fn resolved(t: &Tensor) -> Result<Tensor> {
     let is_neg = autograd::tensor_facts(t).map_err(VidError::Torch)?.is_neg;
     resolved_as(t, is_neg)
@@ -156,7 +174,7 @@ fn resolved_as(t: &Tensor, is_neg: bool) -> Result<Tensor> {
     Ok(if is_neg {
         t.f_resolve_neg()?
     } else {
-        t.shallow_clone()
+        t.f_detach()?
     })
 }
 
@@ -179,7 +197,7 @@ pub fn validate(
     if !(options.eps.is_finite() && options.eps > 0.0) {
         return Err(VidError::invalid(
             "eps",
-            format!("expected a finite value > 0, got {}", options.eps),
+            format!("expected a finite value > 0, got {:e}", options.eps),
         ));
     }
     let negated = [
@@ -257,7 +275,7 @@ pub fn validate(
         return Err(VidError::invalid(
             "eps",
             format!(
-                "{} is below {floor:e}, the smallest normal {acc_name} (the accumulation type of {kind:?} inputs)",
+                "{:e} is below {floor:e}, the smallest normal {acc_name} (the accumulation type of {kind:?} inputs)",
                 options.eps
             ),
         ));

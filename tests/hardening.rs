@@ -345,3 +345,250 @@ fn refused_distiller_leaves_the_var_store_untouched() {
         ]
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. Near the eps floor in f64: no intermediate overflow in the log_scale gradient
+
+/// The log_scale gradient of the op (CPU, and the CUDA plan under the host emulation) and of
+/// the f64 reference, for `mean`, `target` in f64 and one `log_scale` value per channel.
+fn log_scale_grads_near_the_floor(
+    mean: &Tensor,
+    target: &Tensor,
+    alpha: f64,
+    opts: &VidOptions,
+) -> Vec<(String, Tensor, Tensor)> {
+    let channels = mean.size()[1];
+    let launcher = std::sync::Arc::new(common::emu_launcher::EmuLauncher::default());
+    let emulated = common::emu_launcher::emulated(&launcher);
+    let ops: [(&str, &common::LossFn); 2] = [("cpu", &f_vid_loss), ("cuda plan", &emulated)];
+    let mut out = Vec::new();
+    for (name, op) in ops {
+        let log_scale = Tensor::full([channels], alpha, cpu(Kind::Double)).set_requires_grad(true);
+        let loss = op(mean, target, &log_scale, opts).unwrap();
+        let g = Tensor::run_backward(&[loss.sum(Kind::Double)], &[&log_scale], false, false);
+        let upstream = match opts.reduction_mode() {
+            Reduction::None => Tensor::ones_like(mean),
+            _ => Tensor::from(1.0f64),
+        };
+        let (_, _, expected) = common::reference_grads(mean, target, &log_scale, opts, &upstream);
+        out.push((name.to_string(), g[0].shallow_clone(), expected));
+    }
+    out
+}
+
+#[test]
+fn f64_log_scale_gradient_near_the_eps_floor_does_not_overflow() {
+    // var = softplus(ln 1e-307) + eps ~ 1.2e-307: M / var alone overflows f64.
+    let zeros = Tensor::zeros([32, 1], cpu(Kind::Double));
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let opts = VidOptions::default()
+            .eps(f64::MIN_POSITIVE)
+            .reduction(reduction);
+        for (name, got, expected) in
+            log_scale_grads_near_the_floor(&zeros, &zeros, 1e-307f64.ln(), &opts)
+        {
+            let want = expected.double_value(&[0]);
+            assert!(want.is_finite(), "the reference is finite: {want}");
+            common::assert_close(
+                &format!("{name} {reduction:?}"),
+                &got,
+                &expected,
+                0.0,
+                1e-12,
+            );
+        }
+    }
+}
+
+#[test]
+fn f64_log_scale_gradient_of_a_vanishing_sigmoid_is_zero_not_nan() {
+    // sigmoid(-1e4) = 0 in f64 and var = eps: (M / var) * sigmoid was inf * 0.
+    let denormal = |shape: &[i64]| random(shape, Kind::Double, Mem::Contiguous) * 1e-310;
+    let (mean, target) = (denormal(&[16, 3, 2]), denormal(&[16, 3, 2]));
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let opts = VidOptions::default()
+            .eps(f64::MIN_POSITIVE)
+            .reduction(reduction);
+        // The exact value, sigmoid(-1e4) / eps times O(1), is ~1e-4035: 0 in f64 (plain tch
+        // ops give NaN here, so the reference is that 0, not their value).
+        for (name, got, _) in log_scale_grads_near_the_floor(&mean, &target, -1e4, &opts) {
+            let zeros = Tensor::zeros_like(&got);
+            assert!(
+                got.equal(&zeros),
+                "{name} {reduction:?}: expected 0, got {got}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Reduction::None with a broadcast upstream gradient (`loss.sum().backward()`)
+
+#[test]
+fn none_backward_of_a_summed_loss_gives_the_reference_gradients() {
+    let launcher = std::sync::Arc::new(common::emu_launcher::EmuLauncher::default());
+    let emulated = common::emu_launcher::emulated(&launcher);
+    let ops: [(&str, &common::LossFn); 2] = [("cpu", &f_vid_loss), ("cuda plan", &emulated)];
+    for (name, op) in ops {
+        for kind in [Kind::Float, Kind::Double, Kind::BFloat16] {
+            for mem in [Mem::Contiguous, Mem::ChannelsLast] {
+                for wants_log_scale in [true, false] {
+                    let what = format!("{name} {kind:?} {mem:?} log_scale grad {wants_log_scale}");
+                    let mean = random(&[3, 5, 4, 6], kind, mem).set_requires_grad(true);
+                    let target = random(&[3, 5, 4, 6], kind, mem).set_requires_grad(true);
+                    let scale_kind = if kind == Kind::Double {
+                        kind
+                    } else {
+                        Kind::Float
+                    };
+                    let log_scale =
+                        random_log_scale(5, scale_kind).set_requires_grad(wants_log_scale);
+                    let opts = VidOptions::default().reduction(Reduction::None);
+                    let loss = op(&mean, &target, &log_scale, &opts).unwrap();
+                    // d(sum * g)/d loss: g expanded with stride 0, read in place.
+                    let g = 2.5;
+                    let root = loss.sum(kind) * g;
+                    let mut inputs = vec![&mean, &target];
+                    if wants_log_scale {
+                        inputs.push(&log_scale);
+                    }
+                    let got = Tensor::run_backward(&[root], &inputs, false, false);
+                    let upstream = Tensor::full(mean.size(), g, cpu(Kind::Double));
+                    let (gm, gt, ga) =
+                        common::reference_grads(&mean, &target, &log_scale, &opts, &upstream);
+                    let (atol, rtol) = match kind {
+                        Kind::Double => (1e-12, 1e-10),
+                        Kind::Float => (1e-6, 1e-5),
+                        _ => (1e-2, 1e-2),
+                    };
+                    let d = |t: &Tensor| t.to_kind(Kind::Double);
+                    common::assert_close(&format!("{what}: d/dmean"), &d(&got[0]), &gm, atol, rtol);
+                    common::assert_close(
+                        &format!("{what}: d/dtarget"),
+                        &d(&got[1]),
+                        &gt,
+                        atol,
+                        rtol,
+                    );
+                    if wants_log_scale {
+                        // A sum over the channel: judged against its magnitude.
+                        let scale = ga.abs().max().double_value(&[]);
+                        common::assert_close(
+                            &format!("{what}: d/dlog_scale"),
+                            &d(&got[2]),
+                            &ga,
+                            scale * rtol * 10.0,
+                            rtol,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Module configs checked against the VarStore, one-line errors
+
+#[test]
+fn configs_the_var_store_cannot_use_are_refused_at_construction() {
+    for (what, kind, cfg) in [
+        (
+            "eps 1e-300, f32 store",
+            Kind::Float,
+            VidConfig {
+                eps: 1e-300,
+                ..Default::default()
+            },
+        ),
+        (
+            "eps 1e-40, f16 store",
+            Kind::Half,
+            VidConfig {
+                eps: 1e-40,
+                ..Default::default()
+            },
+        ),
+        (
+            "init_variance 1e300, f32 store",
+            Kind::Float,
+            VidConfig {
+                init_variance: 1e300,
+                ..Default::default()
+            },
+        ),
+        (
+            "init_variance 1e5, f16 store",
+            Kind::Half,
+            VidConfig {
+                init_variance: 1e5,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        vs.set_kind(kind);
+        let err = VidLoss::f_new(vs.root() / "vid", 4, 8, cfg).expect_err(what);
+        let message = err.to_string();
+        assert!(
+            matches!(&err, VidError::InvalidArgument { arg, .. } if arg.starts_with("cfg.")),
+            "{what}: {message}"
+        );
+        assert!(
+            message.len() < 300 && !message.contains('\n'),
+            "{what}: {message}"
+        );
+        assert_eq!(vs.len(), 0, "{what}: parameters left behind");
+    }
+    // The same settings where the store can hold them: accepted, and every forward works.
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Double);
+    for (name, cfg) in [
+        (
+            "a",
+            VidConfig {
+                eps: 1e-300,
+                ..Default::default()
+            },
+        ),
+        (
+            "b",
+            VidConfig {
+                init_variance: 1e300,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let vid = VidLoss::f_new(vs.root() / name, 4, 8, cfg).unwrap();
+        assert!(bool::try_from(vid.log_scale().isfinite().all()).unwrap());
+        let s = Tensor::randn([2, 4, 3, 3], cpu(Kind::Double));
+        let t = Tensor::randn([2, 8, 3, 3], cpu(Kind::Double));
+        let loss = vid.f_forward(&s, &t).unwrap();
+        assert!(loss.double_value(&[]).is_finite(), "{name}: {loss}");
+    }
+}
+
+#[test]
+fn eps_in_messages_is_in_scientific_notation() {
+    let mean = random(&[2, 3], Kind::Float, Mem::Contiguous);
+    let log_scale = Tensor::zeros([3], cpu(Kind::Float));
+    let err = f_vid_loss(&mean, &mean, &log_scale, &VidOptions::default().eps(1e-300))
+        .expect_err("eps below the f32 floor");
+    let message = err.to_string();
+    assert!(message.contains("1e-300"), "{message}");
+    assert!(message.len() < 300, "{message}");
+}
+
+#[test]
+fn module_on_a_cuda_device_without_a_gpu_is_a_one_line_error() {
+    if tch::Cuda::device_count() > 0 {
+        return; // A GPU: the module is created (tests/gpu.rs covers it).
+    }
+    let vs = nn::VarStore::new(Device::Cuda(0));
+    let err = VidLoss::f_new(vs.root() / "vid", 4, 8, VidConfig::default())
+        .expect_err("no GPU, yet a CUDA module was created");
+    let message = err.to_string();
+    assert!(matches!(err, VidError::CudaUnavailable(_)), "{message}");
+    assert!(!message.contains('\n'), "more than one line: {message}");
+    assert_eq!(vs.len(), 0);
+}

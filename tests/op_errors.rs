@@ -297,7 +297,7 @@ fn bad_eps() {
             &a,
             &VidOptions::default().eps(eps),
             "eps",
-            &[&format!("{eps}")],
+            &[&format!("{eps:e}")],
         );
     }
     // Tiny but positive is fine.

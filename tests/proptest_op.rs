@@ -3,7 +3,11 @@
 //! broadcast dims, lazily negated views), dtypes, options and values (with inf/NaN and
 //! extreme `log_scale`). Each case gives the reference's value and gradients (rounded to the
 //! output dtype, within the suite's first-principles tolerances, inf/NaN at the same places)
-//! or the same class of error as the reference rules say.
+//! or the same class of error as the reference rules say. Some cases swap an input's data
+//! with `set_data` between forward and backward (a dtype cast, a re-layout, a one-element
+//! tensor: what `VarStore::double()` and friends do, unseen by the version counter); the
+//! backward must then give the gradients of the forward-time values. Some `Reduction::None`
+//! cases take `loss.sum() * g` as their root, so backward gets a stride-0 upstream gradient.
 //!
 //! Seeded (a fixed seed per run, `PROPTEST_RNG_SEED` overrides it), a fixed number of cases
 //! (`PROPTEST_CASES` overrides it), shrinking to a minimal failing case on failure.
@@ -41,6 +45,17 @@ enum Special {
     NaN,
 }
 
+/// What `set_data` puts in place of an input between forward and backward.
+#[derive(Debug, Clone, Copy)]
+enum Swap {
+    /// The same values in another dtype (index into KINDS, offset from the input's).
+    Cast(usize),
+    /// The same values, channels-last (NCHW shape, permuted strides), times 10.
+    Relayout,
+    /// A tensor of one element.
+    Scalar,
+}
+
 /// A deliberately bad argument, and the argument the error must name.
 #[derive(Debug, Clone, Copy)]
 enum Invalid {
@@ -65,6 +80,10 @@ struct Case {
     target_grad: bool,
     scale_grad: bool,
     invalid: Option<Invalid>,
+    /// `set_data` on input 0 (mean), 1 (target) or 2 (log_scale) after the forward.
+    swap: Option<(usize, Swap)>,
+    /// None only: the root is `loss.sum() * g` (a broadcast upstream gradient).
+    broadcast_upstream: bool,
     seed: u64,
 }
 
@@ -154,12 +173,27 @@ fn case() -> impl Strategy<Value = Case> {
             ),
             any::<u64>(),
         ),
+        (
+            prop::option::weighted(
+                0.2,
+                (
+                    0usize..3,
+                    prop_oneof![
+                        (1usize..4).prop_map(Swap::Cast),
+                        Just(Swap::Relayout),
+                        Just(Swap::Scalar)
+                    ],
+                ),
+            ),
+            prop::bool::weighted(0.3),
+        ),
     )
         .prop_map(
             |(
                 (shape, kind, scale_in_f32, views),
                 (reduction, full, eps, value_scale, log_scale_at),
                 (specials, target_grad, scale_grad, invalid, seed),
+                (swap, broadcast_upstream),
             )| Case {
                 shape,
                 kind,
@@ -174,6 +208,8 @@ fn case() -> impl Strategy<Value = Case> {
                 target_grad,
                 scale_grad,
                 invalid,
+                swap,
+                broadcast_upstream,
                 seed,
             },
         )
@@ -247,8 +283,9 @@ fn lay_out(values: &Tensor, kind: Kind, view: View, rng: &mut Rng) -> Tensor {
 }
 
 /// The logical values of a laid-out tensor (Expanded repeats the first slice).
+/// `t`'s values, in f64, in a tensor of their own (never `t` itself, which a swap changes).
 fn logical(t: &Tensor) -> Tensor {
-    t.resolve_neg().to_kind(Kind::Double).contiguous()
+    t.resolve_neg().to_kind(Kind::Double).contiguous().copy()
 }
 
 struct Inputs {
@@ -312,6 +349,9 @@ fn build(case: &Case) -> Inputs {
         .full(case.full)
         .eps(eps);
     let upstream = match case.reduction {
+        Reduction::None if case.broadcast_upstream => {
+            Tensor::from(0.5 + 4.0 * rng.uniform()).to_kind(kind)
+        }
         Reduction::None => normal_values(&mut rng, shape, 1.0).to_kind(kind),
         _ => {
             let sign = if rng.uniform() < 0.5 { -1.0 } else { 1.0 };
@@ -411,31 +451,58 @@ fn check_case(op: &common::LossFn, case: &Case) -> Result<(), TestCaseError> {
     let allowed = expected.abs() * st.round + magnitude * compute_rel + st.atol;
     check_matches("loss", &loss, &expected, &allowed)?;
 
-    let inputs = [&x.mean, &x.target, &x.log_scale];
+    let broadcast = case.reduction == Reduction::None && case.broadcast_upstream;
+    let root = if broadcast {
+        // d root / d loss = g expanded with stride 0.
+        loss.sum(kind) * &x.upstream
+    } else {
+        (&loss * &x.upstream).sum(kind)
+    };
+    let mut inputs = [
+        x.mean.shallow_clone(),
+        x.target.shallow_clone(),
+        x.log_scale.shallow_clone(),
+    ];
     let wanted: Vec<usize> = (0..3).filter(|&i| inputs[i].requires_grad()).collect();
-    let root = (&loss * &x.upstream).sum(kind);
+    if let Some((i, swap)) = case.swap {
+        let replacement = swapped(&inputs[i], swap);
+        tch::no_grad(|| inputs[i].set_data(&replacement));
+    }
     let got = Tensor::f_run_backward(
         &[root],
-        &wanted.iter().map(|&i| inputs[i]).collect::<Vec<_>>(),
+        &wanted.iter().map(|&i| &inputs[i]).collect::<Vec<_>>(),
         false,
         false,
     )
     .map_err(|e| TestCaseError::fail(format!("backward failed: {e}")))?;
-    let reference = reference_grads(&mean, &target, &x.log_scale, &x.opts, &x.upstream);
+    let upstream = if broadcast {
+        x.upstream.expand(mean.size(), false)
+    } else {
+        x.upstream.shallow_clone()
+    };
+    // The forward-time values (`mean`, `target` were read before any swap; `log_scale` is
+    // rebuilt from the case, as swaps never change the case's own copy).
+    let log_scale = build(case).log_scale;
+    let reference = reference_grads(&mean, &target, &log_scale, &x.opts, &upstream);
     let reference = [reference.0, reference.1, reference.2];
     let ls = storage(x.log_scale.kind());
     for (g, &i) in got.iter().zip(&wanted) {
+        if !g.defined() {
+            // A new dtype resets a leaf's gradient accumulator: autograd routes no gradient
+            // to the swapped tensor, as with plain ops. Anything else must have one.
+            prop_assert!(
+                matches!(case.swap, Some((s, Swap::Cast(_))) if s == i),
+                "no gradient of input {}",
+                i
+            );
+            continue;
+        }
         let e = &reference[i];
         let allowed = if i < 2 {
             e.abs() * (st.round + cp.elem) + st.atol
         } else {
-            let magnitude = common::log_scale_grad_magnitude(
-                &mean,
-                &target,
-                &x.log_scale,
-                &x.opts,
-                &x.upstream,
-            );
+            let magnitude =
+                common::log_scale_grad_magnitude(&mean, &target, &log_scale, &x.opts, &upstream);
             e.abs() * ls.round + magnitude * cp.acc + ls.atol
         };
         // A broadcast (expanded) input's gradient is per element of the view, as for any op.
@@ -447,6 +514,20 @@ fn check_case(op: &common::LossFn, case: &Case) -> Result<(), TestCaseError> {
         )?;
     }
     Ok(())
+}
+
+/// What `swap` puts in place of `t`'s data.
+fn swapped(t: &Tensor, swap: Swap) -> Tensor {
+    let t = t.detach();
+    match swap {
+        Swap::Cast(offset) => {
+            let at = KINDS.iter().position(|&k| k == t.kind()).unwrap_or(0);
+            t.to_kind(KINDS[(at + offset) % KINDS.len()])
+        }
+        Swap::Relayout if t.dim() > 2 => common::to_channels_last(&(t * 10.0)),
+        Swap::Relayout => (t * 10.0).transpose(0, -1).contiguous().transpose(0, -1),
+        Swap::Scalar => Tensor::ones([1], (t.kind(), t.device())),
+    }
 }
 
 fn config(cases: u32) -> Config {
