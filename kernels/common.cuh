@@ -23,6 +23,11 @@
 #define VF_SHARED(name, index) (name[index])
 // A GPU faults on a misaligned vector access; the host emulation checks it here.
 #define VF_CHECK_ALIGNED(address, bytes)
+// A global write that another block of the same launch reads (VF_PUBLISH, after the write),
+// and that read (VF_CONSUME): the host emulation faults the read unless the writing thread
+// itself called __threadfence() after the write, as the PTX memory model requires.
+#define VF_PUBLISH(address)
+#define VF_CONSUME(address)
 #endif
 
 namespace vf {
@@ -172,11 +177,21 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T *__restrict__ p) {
     return r;
 }
 
+// A 16-byte pack is stored with one explicit vector store: through a reinterpreted pointer,
+// NVVM split the unrolled loops' stores into 32/64-bit pieces (the test suite holds as many
+// STG.128 per output as LDG.128 per input).
 template <typename T, int V>
 __device__ __forceinline__ void store_pack(T *__restrict__ p, const Pack<T, V> &x) {
-    if (V * sizeof(T) == 16) {
+    if constexpr (V * sizeof(T) == 16) {
         VF_CHECK_ALIGNED(p, 16);
-        *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(&x);
+        const uint4 w = *reinterpret_cast<const uint4 *>(&x);
+#ifndef VF_EMULATION
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y),
+                     "r"(w.z), "r"(w.w)
+                     : "memory");
+#else
+        *reinterpret_cast<uint4 *>(p) = w;
+#endif
     } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) {

@@ -13,7 +13,10 @@
 //         thread keeps its columns, hence its channels. For channels-last ([N*S][C], channel
 //         = column) and for NCHW with small S ([N][C*S], channel = column / S).
 // Kernels are named vid_<op>_group_<dtype> (each launch takes a table of problems, and every
-// block picks the traversal of its problem); all take one argument struct by value.
+// block picks the traversal of its problem); all take one argument struct by value, declared
+// `const __grid_constant__`: device functions take it by reference, and without the qualifier
+// taking its address makes NVVM copy the whole struct (2 KB) to a local-memory stack frame
+// per thread (the test suite holds STACK 0 and LOCAL 0 for every kernel).
 // A traversal launch loops over fixed chunks ("virtual blocks"): the grid is sized to the
 // GPU (2-4 waves) and each block takes virtual blocks b, b + gridDim.x, ...; what a virtual
 // block computes and writes depends on its index alone, so no result bit depends on the grid.
@@ -553,6 +556,8 @@ __device__ __forceinline__ void store_scalar(long long code, void *p, double v) 
 // Element i of an accumulation-type array, read through the L2 (another block wrote it in
 // this launch: the L1 is not coherent).
 __device__ __forceinline__ double load_acc(const void *p, long long i, bool f64) {
+    VF_CONSUME(f64 ? (const void *)(static_cast<const double *>(p) + i)
+                   : (const void *)(static_cast<const float *>(p) + i));
     if (f64) {
         return static_cast<const volatile double *>(p)[i];
     }
@@ -593,7 +598,9 @@ __device__ void channel_sums_across(const SumSegment &a, long long c0, long long
         for (int w = 0; w < warps; ++w) {
             total += VF_SHARED(warp_sums, w * 32 + lane);
         }
-        static_cast<A *>(a.out)[c * a.sums + k] = total;
+        A *out = static_cast<A *>(a.out) + c * a.sums + k;
+        *out = total;
+        VF_PUBLISH(out); // read by the epilogue's block
     }
 }
 
@@ -611,7 +618,9 @@ template <typename A> __device__ void channel_sums_within(const SumSegment &a, l
     }
     s = block_sum(s);
     if (threadIdx.x == 0) {
-        static_cast<A *>(a.out)[c * a.sums + k] = s;
+        A *out = static_cast<A *>(a.out) + c * a.sums + k;
+        *out = s;
+        VF_PUBLISH(out); // read by the epilogue's block
     }
 }
 
@@ -669,11 +678,13 @@ __device__ void group_channel_sum(const ChannelSumGroupArgs &g) {
         return;
     }
     // The last block to finish runs the epilogue: every block's sums are visible to it once
-    // each has fenced its writes before counting itself done. Thread 0 wrote all of this
-    // block's sums (block_sum's result lives there), so its own fence is enough.
+    // each has fenced its writes before counting itself done. A fence covers only the
+    // fencing thread's own writes, and up to 32 threads wrote sums here, so each thread
+    // fences, and the barrier orders every fence before thread 0's count.
     VF_SHARED_ARRAY(unsigned int, ticket, 1);
+    __threadfence();
+    __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
         VF_SHARED(ticket, 0) = atomicAdd(g.done, 1u);
     }
     __syncthreads();
@@ -796,7 +807,7 @@ __device__ void group_channel_table(const TableGroupArgs &g) {
 // ---- kernel entry points --------------------------------------------------------------------
 
 #define VF_GROUP_KERNEL(op, Op, T, suffix)                                                         \
-    extern "C" __global__ void __launch_bounds__(256, 2) vid_##op##_group_##suffix(vf::TraverseGroupArgs g) { \
+    extern "C" __global__ void __launch_bounds__(256, 2) vid_##op##_group_##suffix(const __grid_constant__ vf::TraverseGroupArgs g) { \
         vf::group_traverse<T, Op>(g);                                                              \
     }                                                                                              \
     VF_REGISTER_KERNEL(vid_##op##_group_##suffix)
@@ -827,17 +838,17 @@ VF_DTYPE_KERNELS(vf::bf16_t, bf16)
 
 #if !defined(VF_ONLY_DTYPE)
 
-extern "C" __global__ void __launch_bounds__(256) vid_channel_sum_group(vf::ChannelSumGroupArgs g) {
+extern "C" __global__ void __launch_bounds__(256) vid_channel_sum_group(const __grid_constant__ vf::ChannelSumGroupArgs g) {
     vf::group_channel_sum(g);
 }
 VF_REGISTER_KERNEL(vid_channel_sum_group)
 
-extern "C" __global__ void __launch_bounds__(256) vid_log_scale_grad_group(vf::LogScaleGroupArgs g) {
+extern "C" __global__ void __launch_bounds__(256) vid_log_scale_grad_group(const __grid_constant__ vf::LogScaleGroupArgs g) {
     vf::group_log_scale_grad(g);
 }
 VF_REGISTER_KERNEL(vid_log_scale_grad_group)
 
-extern "C" __global__ void __launch_bounds__(256) vid_channel_table_group(vf::TableGroupArgs g) {
+extern "C" __global__ void __launch_bounds__(256) vid_channel_table_group(const __grid_constant__ vf::TableGroupArgs g) {
     vf::group_channel_table(g);
 }
 VF_REGISTER_KERNEL(vid_channel_table_group)

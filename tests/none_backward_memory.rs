@@ -70,13 +70,10 @@ const M_MMAP_THRESHOLD: i32 = -3;
 fn none_backward_of_a_summed_loss_allocates_only_the_gradient() {
     // Every allocation of 1 MiB or more gets fresh pages and returns them when freed (glibc
     // otherwise raises the threshold after a large free and recycles heap memory, which
-    // would hide a new allocation behind a freed one).
+    // would hide a new allocation behind a freed one). AddressSanitizer's allocator refuses
+    // the setting; it quarantines freed memory, so its large allocations are fresh anyway.
     // SAFETY: a plain setting of the C allocator, made before this test allocates.
-    assert_eq!(
-        unsafe { mallopt(M_MMAP_THRESHOLD, 1 << 20) },
-        1,
-        "mallopt failed"
-    );
+    let _ = unsafe { mallopt(M_MMAP_THRESHOLD, 1 << 20) };
     // Warm up: the autograd engine's threads and libtorch's first-use allocations.
     backward_peak_growth(&[2, 3, 4, 4], false);
     vidfuse::cpu::empty_cache();

@@ -206,3 +206,184 @@ fn sass_16_bit_results_use_packed_conversions() {
         }
     }
 }
+
+/// `(kernel, STACK bytes, LOCAL bytes)` from `cuobjdump -res-usage` of a CUBIN.
+fn resource_usage(cubin: &[u8], arch: &str) -> Vec<(String, u64, u64)> {
+    let dir = std::env::temp_dir().join(format!("vidfuse-res-{}-{arch}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("vid.cubin");
+    std::fs::write(&file, cubin).unwrap();
+    let out = Command::new(cuobjdump())
+        .arg("-res-usage")
+        .arg(&file)
+        .output()
+        .expect("run cuobjdump");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "cuobjdump -res-usage failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut usage = Vec::new();
+    let mut name: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("Function ") {
+            name = Some(rest.trim_end_matches(':').to_string());
+        } else if let (Some(n), true) = (&name, line.starts_with("REG:")) {
+            let field = |key: &str| -> u64 {
+                line.split_whitespace()
+                    .find_map(|f| f.strip_prefix(key))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{n}: no {key} in {line:?}"))
+            };
+            usage.push((n.clone(), field("STACK:"), field("LOCAL:")));
+            name = None;
+        }
+    }
+    usage
+}
+
+/// No kernel has a stack frame or local memory on any checked architecture. A frame (as a
+/// `__noinline__` function taking the by-value launch argument by reference once made: 2 KB
+/// copied per thread before any work) costs local-memory traffic on every launch, and makes
+/// the driver grow the per-thread stack reservation at the first launch, outside PyTorch's
+/// allocator and inside a CUDA-graph capture.
+#[test]
+fn sass_kernels_have_no_stack_and_no_local_memory() {
+    let mut offenders = Vec::new();
+    for arch in vidfuse::cuda::nvrtc::CHECKED_ARCHS {
+        let compiled = nvrtc::compile(arch).unwrap_or_else(|e| panic!("{e}"));
+        let usage = resource_usage(&compiled.cubin, arch);
+        let kernels: Vec<_> = usage
+            .iter()
+            .filter(|(n, ..)| n.starts_with("vid_"))
+            .collect();
+        assert!(
+            kernels.len() >= 19,
+            "{arch}: kernels in the report: {usage:?}"
+        );
+        for (name, stack, local) in kernels {
+            if *stack != 0 || *local != 0 {
+                offenders.push(format!("{arch} {name}: STACK {stack}, LOCAL {local}"));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{}", offenders.join("\n"));
+}
+
+/// Opcode counts of a kernel's SASS: `(16-byte global loads, 16-byte global stores, narrower
+/// global stores)`.
+fn global_access_widths(lines: &[String]) -> (usize, usize, usize) {
+    let opcode = |l: &String| -> String {
+        let text = l.split("*/").nth(1).unwrap_or(l).trim_start();
+        let text = match text.strip_prefix('@') {
+            Some(rest) => rest.split_once(' ').map_or(rest, |(_, r)| r).trim_start(),
+            None => text,
+        };
+        text.split_whitespace().next().unwrap_or("").to_string()
+    };
+    let ops: Vec<String> = lines.iter().map(opcode).collect();
+    let wide_loads = ops
+        .iter()
+        .filter(|o| o.starts_with("LDG") && o.contains(".128"))
+        .count();
+    let wide_stores = ops
+        .iter()
+        .filter(|o| o.starts_with("STG") && o.contains(".128"))
+        .count();
+    let narrow_stores = ops
+        .iter()
+        .filter(|o| o.starts_with("STG") && !o.contains(".128"))
+        .count();
+    (wide_loads, wide_stores, narrow_stores)
+}
+
+/// Every writing kernel that loads 16-byte packs also stores them as 16-byte packs: its
+/// unrolled loop (4 packs per tensor) has as many STG.128 per output as it has LDG.128 per
+/// input. Split stores (two 64-bit or four 32-bit per pack) double or quadruple the store
+/// instructions and the L2 write transactions.
+#[test]
+fn sass_packs_are_stored_16_bytes_at_a_time() {
+    let mut offenders = Vec::new();
+    for arch in ["sm_80", "sm_90"] {
+        let compiled = nvrtc::compile(arch).unwrap_or_else(|e| panic!("{e}"));
+        let kernels = disassemble(&compiled.cubin, arch);
+        for dtype in ["f32", "f64", "f16", "bf16"] {
+            // (op, tensors read, tensors written)
+            for (op, reads, writes) in [("loss", 2, 1), ("grad", 2, 2), ("grad_none", 3, 2)] {
+                let name = format!("vid_{op}_group_{dtype}");
+                let (_, lines) = kernels
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .unwrap_or_else(|| panic!("{arch}: {name} not in the CUBIN"));
+                let (loads, stores, narrow) = global_access_widths(lines);
+                println!("{arch} {name}: LDG.128 {loads}, STG.128 {stores}, narrower STG {narrow}");
+                if stores * reads < loads * writes {
+                    offenders.push(format!(
+                        "{arch} {name}: {loads} LDG.128 for {reads} inputs but {stores} STG.128 \
+                         for {writes} outputs ({narrow} narrower stores)"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{}", offenders.join("\n"));
+}
+
+/// Float adds and multiplies of the PTX that the driver JIT-compiles for GPUs newer than
+/// NVRTC: `(plain, with .rn)`. A plain `add.f32`/`mul.f32` may be contracted into an FMA by
+/// ptxas or by the driver's JIT, each as it chooses, so the bits of a result would depend on
+/// which compiled it; the `.rn` forms are never contracted.
+fn ptx_float_arithmetic(ptx: &str) -> (Vec<String>, usize) {
+    let mut plain = Vec::new();
+    let mut rounded = 0;
+    for line in ptx.lines() {
+        let instruction = line.trim();
+        let opcode = instruction.split_whitespace().next().unwrap_or("");
+        let opcode = if opcode.starts_with('@') {
+            instruction.split_whitespace().nth(1).unwrap_or("")
+        } else {
+            opcode
+        };
+        let parts: Vec<&str> = opcode.trim_end_matches(';').split('.').collect();
+        let is_float = parts.last().is_some_and(|t| *t == "f32" || *t == "f64");
+        if !is_float || !matches!(parts[0], "add" | "sub" | "mul") {
+            continue;
+        }
+        if parts.contains(&"rn")
+            || parts.contains(&"rz")
+            || parts.contains(&"rm")
+            || parts.contains(&"rp")
+        {
+            rounded += 1;
+        } else {
+            plain.push(instruction.to_string());
+        }
+    }
+    (plain, rounded)
+}
+
+#[test]
+fn ptx_float_arithmetic_is_explicitly_rounded() {
+    use nvrtc::{compile_part, KernelPart, Target};
+    let (plain, rounded) =
+        ptx_float_arithmetic("add.f32 %f1, %f2, %f3;\n@%p1 mul.rn.f32 %f4, %f1, %f1;");
+    assert_eq!((plain.len(), rounded), (1, 1), "the detector");
+    for part in [
+        KernelPart::Common,
+        KernelPart::Dtype("f32"),
+        KernelPart::Dtype("f64"),
+        KernelPart::Dtype("f16"),
+        KernelPart::Dtype("bf16"),
+    ] {
+        let ptx =
+            compile_part(&Target::Ptx("compute_90".into()), part).unwrap_or_else(|e| panic!("{e}"));
+        let text = String::from_utf8_lossy(&ptx.cubin);
+        let (plain, rounded) = ptx_float_arithmetic(&text);
+        assert!(rounded > 0, "{part:?}: no float arithmetic found");
+        assert!(
+            plain.is_empty(),
+            "{part:?}: {} contractible float adds/multiplies, e.g. {}",
+            plain.len(),
+            plain[0]
+        );
+    }
+}

@@ -267,6 +267,7 @@ class Engine {
  public:
   // Draws a launch's preemption rate from its seed and sizes its dynamic shared memory.
   void start_launch(unsigned long long seed, std::size_t dynamic_smem_bytes) {
+    published_.clear();
     rng_.seed(seed);
     static constexpr unsigned kPreemptOneIn[] = {2, 4, 16, 64};
     preempt_one_in_ = kPreemptOneIn[rng_.below(std::size(kPreemptOneIn))];
@@ -407,6 +408,53 @@ class Engine {
           cell.readers.push_back(me);
         }
       }
+    }
+  }
+
+  // Global-memory visibility across blocks, as the PTX memory model gives it: a value one
+  // block writes (VF_PUBLISH) and another block of the same launch reads (VF_CONSUME) is
+  // visible only if its writer fenced (__threadfence) after writing it, and the fence came
+  // before an atomic of the writer's block that the reader's block observes (the "last block
+  // done" counter). A fence covers the fencing thread's own earlier writes, never its
+  // neighbours'; a write is released by the block's first atomic after its fence, in the
+  // emulation's (randomly interleaved) order of events.
+  void publish(const void *address, const char *file, int line) {
+    const Fiber &self = running("VF_PUBLISH");
+    published_[address] = Publication{current.block_idx, self.idx, false, false, file, line};
+  }
+
+  void release() {
+    if (running_ == nullptr) return;
+    for (auto &entry : published_) {
+      Publication &p = entry.second;
+      if (p.fenced && same_idx(p.block, current.block_idx)) p.released = true;
+    }
+  }
+
+  void thread_fence() {
+    if (running_ == nullptr) return;
+    const Fiber &self = running("__threadfence");
+    for (auto &entry : published_) {
+      Publication &p = entry.second;
+      if (same_idx(p.block, current.block_idx) && same_idx(p.thread, self.idx)) {
+        p.fenced = true;
+      }
+    }
+  }
+
+  void consume(const void *address, const char *file, int line) {
+    const auto it = published_.find(address);
+    if (it == published_.end()) return;  // written before this launch
+    const Publication &p = it->second;
+    if (!p.released && !same_idx(p.block, current.block_idx)) {
+      char at[32];
+      std::snprintf(at, sizeof at, "%p", address);
+      fault(who(running("VF_CONSUME")) + " reads " + at + " at " + site(file, line) +
+            ", which thread " + format_idx(p.thread) + " of block " + format_idx(p.block) +
+            " wrote at " + site(p.file, p.line) +
+            (p.fenced ? " and fenced only after its block's atomic: not guaranteed visible"
+                      : " without a __threadfence() of its own after the write: not "
+                        "guaranteed visible"));
     }
   }
 
@@ -667,6 +715,18 @@ class Engine {
   unsigned long long epoch_ = 0;         // bumped at every block start and __syncthreads
   SharedRegion dynamic_;
   std::unordered_map<const void *, std::unique_ptr<SharedRegion>> static_regions_;
+  struct Publication {
+    uint3 block;
+    uint3 thread;
+    bool fenced;    // its writer called __threadfence() after writing it
+    bool released;  // ... and then a thread of its block made an atomic
+    const char *file;
+    int line;
+  };
+  static bool same_idx(const uint3 &a, const uint3 &b) {
+    return a.x == b.x && a.y == b.y && a.z == b.z;
+  }
+  std::unordered_map<const void *, Publication> published_;  // this launch's cross-block writes
 };
 
 // One engine per OS thread, so that concurrent launches (parallel tests) are independent.
@@ -791,6 +851,18 @@ void misaligned_access(const void *address, std::size_t bytes, const char *file,
 }
 
 void preempt_point() { engine.preempt(); }
+
+void publish(const void *address, const char *file, int line) {
+  engine.publish(address, file, line);
+}
+
+void consume(const void *address, const char *file, int line) {
+  engine.consume(address, file, line);
+}
+
+void thread_fence() { engine.thread_fence(); }
+
+void release_point() { engine.release(); }
 
 bool register_kernel(const char *name, KernelFn fn, unsigned param_count) {
   auto &kernels = registry();

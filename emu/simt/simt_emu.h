@@ -31,6 +31,7 @@
 #define __constant__
 #define __restrict__
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 // Shared memory is declared with VF_SHARED_ARRAY or VF_DYNAMIC_SHARED and accessed with
 // VF_SHARED (below), so that the engine sees every access. A plain __shared__ declaration
@@ -214,6 +215,13 @@ inline void check_aligned(const void *address, std::size_t bytes, const char *fi
                                        const char *file, int line);
 // A point where the running fiber may be preempted (atomics).
 void preempt_point();
+// Global memory written by one block and read by another in the same launch: the read is
+// an error unless the writer called __threadfence() after the write (see VF_PUBLISH).
+void publish(const void *address, const char *file, int line);
+void consume(const void *address, const char *file, int line);
+void thread_fence();
+// An atomic: releases the block's fenced writes to other blocks.
+void release_point();
 
 // What VF_SHARED returns: reads and writes go through the engine. Binding it to `auto`
 // defers the read to each later use, unlike CUDA: convert it to the element type instead.
@@ -297,6 +305,8 @@ class SharedArray {
 #define VF_SHARED(name, index) (name).at((index), __FILE__, __LINE__)
 #define VF_CHECK_ALIGNED(address, bytes)                                                 \
   ::vf_emu::detail::check_aligned((address), (bytes), __FILE__, __LINE__)
+#define VF_PUBLISH(address) ::vf_emu::detail::publish((address), __FILE__, __LINE__)
+#define VF_CONSUME(address) ::vf_emu::detail::consume((address), __FILE__, __LINE__)
 
 // ---------------------------------------------------------------------------------------
 // Synchronisation. The defaulted site arguments name the barrier in deadlock reports.
@@ -352,7 +362,10 @@ inline int __any_sync(unsigned mask, int pred, VF_EMU_SITE) {
 }
 #undef VF_EMU_SITE
 
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  ::vf_emu::detail::thread_fence();
+}
 inline void __threadfence_block() { std::atomic_signal_fence(std::memory_order_seq_cst); }
 
 // Atomics: fibers never switch inside these (only just before) and blocks run in turn, so
@@ -369,6 +382,7 @@ struct same {
   template <class T>                                                                     \
   inline T name(T *p, typename ::vf_emu::detail::same<T>::type v) {                      \
     ::vf_emu::detail::preempt_point();                                                   \
+    ::vf_emu::detail::release_point();                                                   \
     const T old = *p;                                                                    \
     *p = (update);                                                                       \
     return old;                                                                          \
@@ -386,6 +400,7 @@ template <class T>
 inline T atomicCAS(T *p, typename ::vf_emu::detail::same<T>::type compare,
                    typename ::vf_emu::detail::same<T>::type v) {
   ::vf_emu::detail::preempt_point();
+  ::vf_emu::detail::release_point();
   const T old = *p;
   if (old == compare) *p = v;
   return old;

@@ -31,6 +31,11 @@ pub fn compile_options(arch: &str) -> Vec<String> {
         format!("--gpu-architecture={arch}"),
         "-std=c++17".into(),
         "-DNDEBUG".into(),
+        // No multiply-add contraction: NVVM then writes every float add and multiply with
+        // explicit round-to-nearest (`add.rn.f32`, `mul.rn.f32`), which neither ptxas nor
+        // the driver's PTX JIT may fuse, so a CUBIN and the PTX compiled by the driver for a
+        // newer GPU give the same bits (and the host emulation, which never fuses, too).
+        "--fmad=false".into(),
     ];
     if arch.starts_with("sm_") {
         // ptxas runs only for a real architecture.
