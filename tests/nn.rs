@@ -831,3 +831,167 @@ fn distiller_forward_is_the_weighted_sum_of_its_pairs() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The variance's learning rate, per-pair configs, the Module impl, checkpoints
+
+/// One plain SGD step (no momentum, no weight decay) on `loss`; returns how far each
+/// `log_scale` entry moved divided by its gradient: the learning rate it was given.
+fn observed_lr(vid: &VidLoss, opt: &mut nn::Optimizer, loss: &Tensor) -> f64 {
+    let before = vid.log_scale().detach().copy();
+    opt.zero_grad();
+    loss.backward();
+    let grad = vid.log_scale().grad().copy();
+    opt.step();
+    let moved = &before - vid.log_scale().detach();
+    (moved / grad).mean(Kind::Double).double_value(&[])
+}
+
+#[test]
+fn set_log_scale_lr_gives_the_variance_its_rate_and_survives_later_variables() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    // The optimizer exists before the module: its group appears only at the next
+    // zero_grad/step, which tch's own set_lr_group would not wait for (a panic in libtorch).
+    let mut opt = nn::Sgd::default().build(&vs, 0.01).unwrap();
+    let cfg = VidConfig {
+        log_scale_group: Some(1),
+        ..Default::default()
+    };
+    let vid = VidLoss::new(&vs.root() / "vid", 4, 6, cfg);
+    vid.f_set_log_scale_lr(&mut opt, 0.5).unwrap();
+    let (s, t) = (randn(&[3, 4, 2, 2]), randn(&[3, 6, 2, 2]));
+    let lr = observed_lr(&vid, &mut opt, &vid.forward(&s, &t));
+    assert!(
+        (lr - 0.5).abs() < 1e-4,
+        "log_scale moved at rate {lr}, not 0.5"
+    );
+    // set_lr sets every group; setting the variance's rate again restores it.
+    opt.set_lr(0.01);
+    let lr = observed_lr(&vid, &mut opt, &vid.forward(&s, &t));
+    assert!((lr - 0.01).abs() < 1e-5, "{lr}");
+    vid.set_log_scale_lr(&mut opt, 2.0);
+    let lr = observed_lr(&vid, &mut opt, &vid.forward(&s, &t));
+    assert!((lr - 2.0).abs() < 1e-3, "{lr}");
+}
+
+#[test]
+fn set_log_scale_lr_refusals_are_errors_not_panics() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let shared = VidLoss::new(&vs.root() / "a", 4, 6, VidConfig::default());
+    let own = VidLoss::new(
+        &vs.root() / "b",
+        4,
+        6,
+        VidConfig {
+            log_scale_group: Some(2),
+            ..Default::default()
+        },
+    );
+    let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
+    let err = shared.f_set_log_scale_lr(&mut opt, 0.1).unwrap_err();
+    assert!(err.to_string().contains("log_scale_group"), "{err}");
+    for lr in [f64::NAN, -1.0, f64::INFINITY] {
+        assert!(own.f_set_log_scale_lr(&mut opt, lr).is_err(), "lr {lr}");
+    }
+    // An optimizer of another VarStore does not hold this log_scale.
+    let other = nn::VarStore::new(Device::Cpu);
+    let _x = other.root().zeros("x", &[3]);
+    let mut other_opt = nn::Adam::default().build(&other, 1e-3).unwrap();
+    let err = own.f_set_log_scale_lr(&mut other_opt, 0.1).unwrap_err();
+    assert!(err.to_string().contains("does not optimise"), "{err}");
+    // A distiller: every pair must have its own group; the message names the pair.
+    let d = VidDistiller::new(&vs.root() / "d", &[(4, 6, 1.0)], VidConfig::default());
+    let err = d.f_set_log_scale_lr(&mut opt, 0.1).unwrap_err();
+    assert!(err.to_string().contains("pair 0"), "{err}");
+}
+
+#[test]
+fn distiller_pairs_take_their_own_configs() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let a = VidConfig {
+        hidden_channels: Some(5),
+        log_scale_group: Some(1),
+        ..Default::default()
+    };
+    let b = VidConfig {
+        init_variance: 0.5,
+        log_scale_group: Some(1),
+        ..Default::default()
+    };
+    let d = VidDistiller::with_pair_configs(
+        &vs.root() / "vid",
+        &[(VidPair::new(4, 6, 1.0), a), (VidPair::new(3, 8, 0.5), b)],
+    );
+    let shapes = shapes(&vs);
+    assert_eq!(shapes["vid.0.regressor.0.weight"], [5, 4, 1, 1]);
+    assert_eq!(shapes["vid.1.regressor.0.weight"], [8, 3, 1, 1]);
+    let variance = d.pairs()[1].0.variance();
+    assert!(
+        close(&variance, &Tensor::full([8], 0.5, F32), 1e-6),
+        "{variance}"
+    );
+    // A refused config (the second pair's eps) leaves the store untouched, naming the pair.
+    let vs2 = nn::VarStore::new(Device::Cpu);
+    let bad = VidConfig {
+        eps: -1.0,
+        ..Default::default()
+    };
+    let err = VidDistiller::f_with_pair_configs(
+        &vs2.root() / "vid",
+        &[(VidPair::new(4, 6, 1.0), a), (VidPair::new(3, 8, 0.5), bad)],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("pair 1"), "{err}");
+    assert_eq!(vs2.len(), 0);
+    // Both pairs' variances get the rate of group 1.
+    let mut opt = nn::Sgd::default().build(&vs, 0.01).unwrap();
+    d.set_log_scale_lr(&mut opt, 0.3);
+    let students = [randn(&[2, 4, 3, 3]), randn(&[2, 3, 3, 3])];
+    let teachers = [randn(&[2, 6, 3, 3]), randn(&[2, 8, 3, 3])];
+    let lr = observed_lr(&d.pairs()[1].0, &mut opt, &d.forward(&students, &teachers));
+    assert!((lr - 0.3).abs() < 1e-4, "{lr}");
+}
+
+#[test]
+fn vid_loss_is_a_module_whose_forward_is_the_regressor() {
+    use tch::nn::Module;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vid = VidLoss::new(&vs.root() / "vid", 4, 6, VidConfig::default());
+    let s = randn(&[2, 4, 3, 3]);
+    let via_module = s.apply(&vid);
+    assert!(via_module.equal(&vid.regress(&s)));
+    assert!(Module::forward(&vid, &s).equal(&via_module));
+}
+
+#[test]
+fn student_checkpoint_without_the_vid_parameters_round_trips() {
+    // The pattern the README shows: the student in its VarStore, VID in another, each with
+    // its optimizer; the student's checkpoint holds only the student.
+    let student_vs = nn::VarStore::new(Device::Cpu);
+    let vid_vs = nn::VarStore::new(Device::Cpu);
+    let student = nn::conv2d(student_vs.root() / "conv", 3, 4, 3, Default::default());
+    let vid = VidLoss::new(&vid_vs.root() / "vid", 4, 6, VidConfig::default());
+    let mut opt_student = nn::Sgd::default().build(&student_vs, 0.1).unwrap();
+    let mut opt_vid = nn::Sgd::default().build(&vid_vs, 0.1).unwrap();
+    let x = randn(&[2, 3, 5, 5]);
+    let loss = vid.forward(&x.apply(&student), &randn(&[2, 6, 3, 3]));
+    opt_student.zero_grad();
+    opt_vid.zero_grad();
+    loss.backward();
+    opt_student.step();
+    opt_vid.step();
+    let dir = std::env::temp_dir().join(format!("vidfuse-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("student.safetensors");
+    student_vs.save(&file).unwrap();
+    let mut fresh = nn::VarStore::new(Device::Cpu);
+    let reloaded = nn::conv2d(fresh.root() / "conv", 3, 4, 3, Default::default());
+    fresh.load(&file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        reloaded.ws.equal(&student.ws),
+        "weights differ after the round trip"
+    );
+    let names: Vec<String> = fresh.variables().into_keys().collect();
+    assert!(names.iter().all(|n| n.starts_with("conv.")), "{names:?}");
+}
