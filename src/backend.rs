@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-pub(crate) use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
+pub(crate) use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad, Precomputed};
 use crate::cuda::KernelLauncher;
 use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
@@ -34,9 +34,12 @@ impl Backend {
         }
     }
 
-    pub fn forward(&self, problem: &VidProblem) -> Result<ForwardOutput> {
+    /// The loss (and for Mean/Sum the channel sums); with `write`, the per-element gradients
+    /// for an upstream gradient of 1 too, where the backend writes them in the same pass
+    /// (the CPU; the CUDA kernels compute them in the backward).
+    pub fn forward(&self, problem: &VidProblem, write: NeedsGrad) -> Result<ForwardOutput> {
         match self {
-            Backend::Cpu => cpu::forward(problem),
+            Backend::Cpu => cpu::forward(problem, write),
             Backend::Cuda(ordinal) => cuda::forward(*ordinal, problem),
             Backend::Launcher(launcher) => cuda::plan::forward(launcher.as_ref(), problem),
         }
@@ -44,15 +47,18 @@ impl Backend {
 
     /// Forward of several Mean/Sum problems with as few passes as the backend allows: each
     /// problem's output exactly as [`Backend::forward`] gives it, and the weighted total
-    /// `sum_k weights[k] * loss_k` as a scalar of `total_kind`.
+    /// `sum_k weights[k] * loss_k` as a scalar of `total_kind`; with `write[k]`, problem k's
+    /// per-element gradients for an upstream gradient of 1 on the total, where the backend
+    /// writes them in the same pass.
     pub fn forward_group(
         &self,
         problems: &[&VidProblem],
         weights: &[f64],
         total_kind: tch::Kind,
+        write: &[NeedsGrad],
     ) -> Result<GroupForward> {
         match self {
-            Backend::Cpu => cpu::forward_group(problems, weights, total_kind),
+            Backend::Cpu => cpu::forward_group(problems, weights, total_kind, write),
             Backend::Cuda(ordinal) => cuda::forward_group(*ordinal, problems, weights, total_kind),
             Backend::Launcher(launcher) => {
                 cuda::plan::forward_group(launcher.as_ref(), problems, weights, total_kind)
@@ -61,7 +67,9 @@ impl Backend {
     }
 
     /// Backward of several Mean/Sum problems: problem k's loss receives `grad * weights[k]`
-    /// (`grad` a scalar tensor, f32 or f64, on the problems' device).
+    /// (`grad` a scalar tensor, f32 or f64, on the problems' device). `precomputed[k]`: what
+    /// the forward wrote for problem k (for `grad == 1`), which the backend may return
+    /// instead of computing (it is taken: a second backward recomputes).
     pub fn backward_group(
         &self,
         problems: &[&VidProblem],
@@ -69,12 +77,14 @@ impl Backend {
         grad: &Tensor,
         weights: &[f64],
         needs: &[NeedsGrad],
+        precomputed: Vec<Option<Precomputed>>,
     ) -> Result<Vec<Grads>> {
         match self {
             Backend::Cpu => {
                 let g = grad.f_double_value(&[])?;
                 let upstream: Vec<f64> = weights.iter().map(|w| g * w).collect();
-                cpu::backward_group(problems, channel_sumsq, &upstream, needs)
+                let unit = g == 1.0;
+                cpu::backward_group(problems, channel_sumsq, &upstream, needs, unit, precomputed)
             }
             Backend::Cuda(ordinal) => {
                 cuda::backward_group(*ordinal, problems, channel_sumsq, grad, weights, needs)
@@ -99,11 +109,12 @@ impl Backend {
         channel_sumsq: Option<&Tensor>,
         grad: &Tensor,
         needs: NeedsGrad,
+        precomputed: Option<Precomputed>,
     ) -> Result<Grads> {
         if problem.options.reduction_mode() != crate::options::Reduction::None {
             let q = channel_sumsq
                 .ok_or_else(|| VidError::Internal("missing saved channel sums".into()))?;
-            return self.backward_one(problem, q, grad, needs);
+            return self.backward_one(problem, q, grad, needs, precomputed);
         }
         if let Some(scalar) = problem.f_broadcast_scalar(grad)? {
             return self.backward_unreduced_scalar(problem, &scalar, needs);
@@ -125,9 +136,16 @@ impl Backend {
         channel_sumsq: &Tensor,
         grad: &Tensor,
         needs: NeedsGrad,
+        precomputed: Option<Precomputed>,
     ) -> Result<Grads> {
-        let mut grads =
-            self.backward_group(&[problem], &[channel_sumsq], grad, &[1.0], &[needs])?;
+        let mut grads = self.backward_group(
+            &[problem],
+            &[channel_sumsq],
+            grad,
+            &[1.0],
+            &[needs],
+            vec![precomputed],
+        )?;
         grads
             .pop()
             .ok_or_else(|| VidError::Internal("no backward output".into()))
@@ -145,7 +163,8 @@ impl Backend {
         needs: NeedsGrad,
     ) -> Result<Grads> {
         let channel_sumsq = if needs.log_scale {
-            let mut forward = self.forward_group(&[problem], &[1.0], tch::Kind::Float)?;
+            let none = NeedsGrad::NONE;
+            let mut forward = self.forward_group(&[problem], &[1.0], tch::Kind::Float, &[none])?;
             forward
                 .channel_sumsq
                 .pop()
@@ -160,6 +179,6 @@ impl Backend {
             };
             Tensor::f_zeros([problem.geometry.channels as i64], (kind, problem.device()))?
         };
-        self.backward_one(problem, &channel_sumsq, grad, needs)
+        self.backward_one(problem, &channel_sumsq, grad, needs, None)
     }
 }

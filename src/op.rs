@@ -67,6 +67,20 @@ pub(crate) fn vid_loss_grouped_on(
     no_panic(|| grouped_unguarded(backend, terms, opts))
 }
 
+/// Which per-element gradients a Mean/Sum forward writes in its pass (the one-pass path):
+/// those of `mean` and `target` that require grad, when the options ask for it and grad
+/// mode is on (a no-grad or inference call writes none).
+fn gradients_to_write(mean: &Tensor, target: &Tensor, opts: &VidOptions) -> Result<NeedsGrad> {
+    let on = opts.writes_gradients_in_forward()
+        && opts.reduction_mode() != Reduction::None
+        && autograd::grad_mode_enabled().map_err(VidError::Autograd)?;
+    Ok(NeedsGrad {
+        mean: on && mean.requires_grad(),
+        target: on && target.requires_grad(),
+        log_scale: false,
+    })
+}
+
 /// `e` with the term's index in its message, under the argument `terms`.
 fn in_term(k: usize, e: VidError) -> VidError {
     match e {
@@ -131,11 +145,18 @@ fn grouped_unguarded(
     } else {
         tch::Kind::Float
     };
+    let write = terms
+        .iter()
+        .map(|t| gradients_to_write(t.mean, t.target, opts))
+        .collect::<Result<Vec<_>>>()?;
     let group = autograd::no_grad(|| {
         let refs: Vec<&VidProblem> = problems.iter().collect();
-        backend.forward_group(&refs, &weights, total_kind)
+        backend.forward_group(&refs, &weights, total_kind, &write)
     })?;
     let (total, channel_sumsq) = (group.total, group.channel_sumsq);
+    // Handed to the first backward only: autograd owns what it returns (AccumulateGrad may
+    // keep it as `.grad`), so a second backward recomputes.
+    let mut precomputed = group.precomputed;
     let scale_kinds: Vec<tch::Kind> = terms.iter().map(|t| t.log_scale.kind()).collect();
     let inputs: Vec<&Tensor> = terms
         .iter()
@@ -163,7 +184,8 @@ fn grouped_unguarded(
             let grads = autograd::no_grad(|| {
                 let refs: Vec<&VidProblem> = problems.iter().collect();
                 let sums: Vec<&Tensor> = channel_sumsq.iter().collect();
-                backend.backward_group(&refs, &sums, grad, &weights, &needs)
+                let precomputed = std::mem::take(&mut precomputed);
+                backend.backward_group(&refs, &sums, grad, &weights, &needs, precomputed)
             })?;
             let mut flat = Vec::with_capacity(3 * grads.len());
             for (g, kind) in grads.into_iter().zip(&scale_kinds) {
@@ -190,9 +212,12 @@ fn vid_loss_unguarded(
         Some(backend) => backend,
         None => Backend::for_device(problem.device())?,
     };
-    let forward = autograd::no_grad(|| backend.forward(&problem))?;
+    let write = gradients_to_write(mean, target, opts)?;
+    let forward = autograd::no_grad(|| backend.forward(&problem, write))?;
     let loss = forward.loss;
     let channel_sumsq = forward.channel_sumsq;
+    // Handed to the first backward only (see the grouped op).
+    let mut precomputed = forward.precomputed;
     let log_scale_kind = log_scale.kind();
 
     autograd::attach(
@@ -211,7 +236,8 @@ fn vid_loss_unguarded(
                 log_scale: needs[2],
             };
             let grads = autograd::no_grad(|| {
-                backend.backward(&problem, channel_sumsq.as_ref(), grad, needs)
+                let precomputed = precomputed.take();
+                backend.backward(&problem, channel_sumsq.as_ref(), grad, needs, precomputed)
             })?;
             let log_scale = grads
                 .log_scale

@@ -25,18 +25,25 @@ mod walk;
 use half::{bf16, f16};
 use tch::{Kind, Tensor};
 
+/// Test hook (`test-hooks` feature): passes over the elements the CPU backend started on
+/// the calling thread since it began (each reads the inputs once).
+#[cfg(feature = "test-hooks")]
+pub fn passes_started() -> usize {
+    plan::passes_started()
+}
+
 pub use crate::host_pool::{
     cache_limit, cached_bytes, empty_cache, set_cache_limit, CACHE_LIMIT_ENV, MAX_CACHED_BYTES,
 };
 
-use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad, Precomputed};
 use crate::error::{Result, VidError};
 use crate::host_pool;
 use crate::math::ChannelParams;
 use crate::options::Reduction;
 use crate::validate::VidProblem;
 use element::{Acc, Element};
-use ops::{ChannelValues, ElementLoss, NoneBackward, ScaledDifference, SumSq};
+use ops::{ChannelValues, ElementLoss, NoneBackward, ScaledDifference, SumSq, SumSqAndGradient};
 use plan::run_units;
 use plan::Plan;
 use walk::{run_pass, SummingWork, Walk};
@@ -127,10 +134,11 @@ fn new_output(problem: &VidProblem, needed: bool) -> Result<Option<Tensor>> {
         .transpose()
 }
 
-/// Fused CPU forward.
-pub(crate) fn forward(problem: &VidProblem) -> Result<ForwardOutput> {
+/// Fused CPU forward; for Mean/Sum it also writes the per-element gradients `write` asks
+/// for (for an upstream gradient of 1).
+pub(crate) fn forward(problem: &VidProblem, write: NeedsGrad) -> Result<ForwardOutput> {
     if problem.options.reduction_mode() != Reduction::None {
-        let mut outputs = forward_each(&[problem])?;
+        let mut outputs = forward_each(&[problem], &[1.0], &[write])?;
         return outputs
             .pop()
             .ok_or_else(|| VidError::Internal("no forward output".into()));
@@ -147,55 +155,107 @@ pub(crate) fn forward(problem: &VidProblem) -> Result<ForwardOutput> {
     Ok(ForwardOutput {
         loss,
         channel_sumsq: None,
+        precomputed: None,
     })
 }
 
 /// Fused CPU forward of several Mean/Sum problems in one parallel region: for each, the loss
-/// (a scalar of its dtype, exactly as [`forward`] gives it) and its per-channel sums; and the
-/// weighted total of the losses (in f64, then rounded to `total_kind`).
+/// (a scalar of its dtype, exactly as [`forward`] gives it), its per-channel sums and the
+/// per-element gradients `write[k]` asks for (for an upstream gradient of 1 on the total);
+/// and the weighted total of the losses (in f64, then rounded to `total_kind`).
 pub(crate) fn forward_group(
     problems: &[&VidProblem],
     weights: &[f64],
     total_kind: Kind,
+    write: &[NeedsGrad],
 ) -> Result<GroupForward> {
-    let outputs = forward_each(problems)?;
+    let outputs = forward_each(problems, weights, write)?;
     let mut total = 0.0;
     let mut channel_sumsq = Vec::with_capacity(outputs.len());
+    let mut precomputed = Vec::with_capacity(outputs.len());
     for (output, w) in outputs.into_iter().zip(weights) {
         total += w * output.loss.f_double_value(&[])?;
         channel_sumsq.extend(output.channel_sumsq);
+        precomputed.push(output.precomputed);
     }
     Ok(GroupForward {
         total: scalar_of_kind(total, total_kind)?,
         channel_sumsq,
+        precomputed,
     })
 }
 
-/// The Mean/Sum forward of each problem, all in one parallel region.
-fn forward_each(problems: &[&VidProblem]) -> Result<Vec<ForwardOutput>> {
+/// The factor of `d / var` in the gradient of mean: the upstream gradient reaching the
+/// problem's loss (`g * w`) times the reduction factor. The one-pass forward and the
+/// backward compute it with this one expression, so their results agree to the bit.
+fn gradient_factor(problem: &VidProblem, params: &ChannelParams, upstream: f64) -> f64 {
+    upstream * params.reduction_factor(&problem.geometry, problem.options.reduction_mode())
+}
+
+/// The per-channel factors `k / var_c` of the gradient of mean.
+fn gradient_scale<A: Acc>(params: &ChannelParams, k: f64) -> ChannelValues<A> {
+    ChannelValues::single(params.var.iter().map(|v| k / v))
+}
+
+/// The Mean/Sum forward of each problem, all in one parallel region. Where `write[k]` asks
+/// for them, the same pass also writes the gradients of mean and/or target for an upstream
+/// gradient of `weights[k]` on the loss (1 on the total).
+fn forward_each(
+    problems: &[&VidProblem],
+    weights: &[f64],
+    write: &[NeedsGrad],
+) -> Result<Vec<ForwardOutput>> {
+    let params = problems
+        .iter()
+        .map(|p| channel_params(p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut outputs = problems
+        .iter()
+        .zip(write)
+        .map(|(p, w)| Ok([new_output(p, w.mean)?, new_output(p, w.target)?]))
+        .collect::<Result<Vec<_>>>()?;
     let walks = problems
         .iter()
-        .map(|p| {
+        .zip(&params)
+        .zip(weights)
+        .zip(outputs.iter_mut())
+        .map(|(((p, par), &w), [grad_mean, grad_target])| {
             dispatch_dtype!(p.kind(), E => {
                 let inputs = [elements::<E>(&p.mean), elements::<E>(&p.target), &[][..]];
-                let unused = unused_params(p.geometry.channels);
-                let walk = Walk::<E, SumSq>::new(Plan::new(p.geometry), unused, inputs, None, None);
+                let plan = Plan::new(p.geometry);
+                if grad_mean.is_none() && grad_target.is_none() {
+                    let unused = unused_params(p.geometry.channels);
+                    let walk = Walk::<E, SumSq>::new(plan, unused, inputs, None, None);
+                    return Ok(Box::new(walk) as Box<dyn SummingWork + '_>);
+                }
+                let scale = gradient_scale(par, gradient_factor(p, par, w));
+                let walk = Walk::<E, SumSqAndGradient>::new(
+                    plan,
+                    scale,
+                    inputs,
+                    grad_mean.as_mut().map(elements_mut::<E>),
+                    grad_target.as_mut().map(elements_mut::<E>),
+                );
                 Ok(Box::new(walk) as Box<dyn SummingWork + '_>)
             })
         })
         .collect::<Result<Vec<_>>>()?;
     run_units(&walks.iter().map(|w| w.as_unit_work()).collect::<Vec<_>>());
+    let sums: Vec<Vec<f64>> = walks.iter().map(|w| w.sums().swap_remove(0)).collect();
+    drop(walks);
     problems
         .iter()
-        .zip(&walks)
-        .map(|(p, walk)| {
-            let q = walk.sums().swap_remove(0);
-            let params = channel_params(p)?;
+        .zip(params)
+        .zip(sums)
+        .zip(outputs)
+        .map(|(((p, params), q), [mean, target])| {
             let reduction = p.options.reduction_mode();
             let value = params.reduced_loss(&q, &p.geometry, &p.options, reduction);
             Ok(ForwardOutput {
                 loss: scalar_of_kind(value, p.kind())?,
                 channel_sumsq: Some(Tensor::from_slice(&q)),
+                precomputed: (mean.is_some() || target.is_some())
+                    .then_some(Precomputed { mean, target }),
             })
         })
         .collect()
@@ -236,12 +296,17 @@ pub(crate) fn backward_unreduced(
 }
 
 /// Fused CPU backward of several Mean/Sum problems in one parallel region: `upstream[k]` is
-/// the gradient reaching problem k's loss, `channel_sumsq[k]` its saved sums.
+/// the gradient reaching problem k's loss, `channel_sumsq[k]` its saved sums. Where
+/// `precomputed[k]` holds what the forward wrote and `unit_upstream` says the total received
+/// exactly 1, those gradients are returned as they are (the one-pass path); every other
+/// problem's are computed here.
 pub(crate) fn backward_group(
     problems: &[&VidProblem],
     channel_sumsq: &[&Tensor],
     upstream: &[f64],
     needs: &[NeedsGrad],
+    unit_upstream: bool,
+    mut precomputed: Vec<Option<Precomputed>>,
 ) -> Result<Vec<Grads>> {
     let params = problems
         .iter()
@@ -252,27 +317,40 @@ pub(crate) fn backward_group(
         .iter()
         .zip(&params)
         .zip(upstream)
-        .map(|((p, par), g)| g * par.reduction_factor(&p.geometry, p.options.reduction_mode()))
+        .map(|((p, par), &g)| gradient_factor(p, par, g))
         .collect();
-    let mut outputs = problems
-        .iter()
-        .zip(needs)
-        .map(|(p, n)| Ok([new_output(p, n.mean)?, new_output(p, n.target)?]))
-        .collect::<Result<Vec<_>>>()?;
+    precomputed.resize_with(problems.len(), || None);
+    // Per problem: its outputs, and whether the forward already wrote them (exactly what the
+    // pass below would write: the forward used the same factors for an upstream of 1).
+    let mut outputs = Vec::with_capacity(problems.len());
+    let mut written = Vec::with_capacity(problems.len());
+    for ((p, n), pre) in problems.iter().zip(needs).zip(precomputed) {
+        match pre.filter(|pre| unit_upstream && pre.covers(n)) {
+            Some(pre) => {
+                outputs.push([pre.mean.filter(|_| n.mean), pre.target.filter(|_| n.target)]);
+                written.push(true);
+            }
+            None => {
+                outputs.push([new_output(p, n.mean)?, new_output(p, n.target)?]);
+                written.push(false);
+            }
+        }
+    }
     {
         let mut walks: Vec<Box<dyn SummingWork + '_>> = Vec::new();
-        for (((p, par), k), [grad_mean, grad_target]) in problems
+        for ((((p, par), k), [grad_mean, grad_target]), &done) in problems
             .iter()
             .zip(&params)
             .zip(&factors)
             .zip(outputs.iter_mut())
+            .zip(&written)
         {
-            if grad_mean.is_none() && grad_target.is_none() {
+            if done || (grad_mean.is_none() && grad_target.is_none()) {
                 continue;
             }
             walks.push(dispatch_dtype!(p.kind(), E => {
                 let inputs = [elements::<E>(&p.mean), elements::<E>(&p.target), &[][..]];
-                let scale = ChannelValues::single(par.var.iter().map(|v| k / v));
+                let scale = gradient_scale(par, *k);
                 let walk = Walk::<E, ScaledDifference>::new(
                     Plan::new(p.geometry),
                     scale,

@@ -79,6 +79,20 @@ impl<A: Acc> Op<A> for ScaledDifference {
     }
 }
 
+/// The one-pass forward: `Q_c += d^2` and the gradient of mean for an upstream gradient of
+/// 1, `p d` (p = w k / var), exactly as [`ScaledDifference`] computes it then.
+pub(super) struct SumSqAndGradient;
+impl<A: Acc> Op<A> for SumSqAndGradient {
+    const SUMS: usize = 1;
+    const READS_UPSTREAM: bool = false;
+    const WRITES: bool = true;
+    #[inline(always)]
+    fn step(p: A, _: A, m: A, t: A, _: A) -> (A, A, A) {
+        let d = m - t;
+        (p * d, d * d, A::default())
+    }
+}
+
 /// Gradient of mean for None: `G d p` (p = 1 / var), with `R1 += G`, `R2 += G d^2`.
 pub(super) struct NoneBackward;
 impl<A: Acc> Op<A> for NoneBackward {

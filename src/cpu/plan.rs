@@ -164,8 +164,22 @@ impl Plan {
     }
 }
 
+thread_local! {
+    /// Passes over the elements started on this thread (see [`passes_started`]).
+    static PASSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many passes over the elements the CPU backend started on the calling thread (a
+/// pass reads the problem's inputs once): what the tests count to see that a one-pass
+/// step reads the data once.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+pub(crate) fn passes_started() -> usize {
+    PASSES.with(|p| p.get())
+}
+
 /// Runs every unit of every pass in one parallel region, on all cores when it pays.
 pub(super) fn run_units(passes: &[&dyn UnitWork]) {
+    PASSES.with(|p| p.set(p.get() + passes.len()));
     let numel: usize = passes.iter().map(|p| p.plan().geometry.numel()).sum();
     let threads = if numel < PARALLEL_THRESHOLD {
         1

@@ -8,6 +8,7 @@
 mod driver;
 pub mod graph;
 mod launcher;
+pub mod model;
 pub mod nvrtc;
 pub(crate) mod plan;
 

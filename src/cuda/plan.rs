@@ -758,6 +758,7 @@ pub(crate) fn forward<L: KernelLauncher + ?Sized>(
         return Ok(ForwardOutput {
             loss,
             channel_sumsq: sums.into_iter().next(),
+            precomputed: None,
         });
     }
     let p = Prepared::new(problem)?;
@@ -773,6 +774,7 @@ pub(crate) fn forward<L: KernelLauncher + ?Sized>(
     Ok(ForwardOutput {
         loss,
         channel_sumsq: None,
+        precomputed: None,
     })
 }
 
@@ -874,6 +876,7 @@ pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
         return Ok(GroupForward {
             total,
             channel_sumsq,
+            precomputed: Vec::new(),
         });
     }
     // More terms than one launch holds: each term's loss, then the total with tch ops.
@@ -894,6 +897,7 @@ pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
     Ok(GroupForward {
         total,
         channel_sumsq,
+        precomputed: Vec::new(),
     })
 }
 
