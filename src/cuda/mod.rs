@@ -3,7 +3,8 @@
 //!
 //! Layers: `plan` decides launches for a problem and is generic over `KernelLauncher`;
 //! `driver` implements that launcher with the CUDA driver; [`nvrtc`] compiles the sources;
-//! `probe` finds the libraries without panicking.
+//! `probe` finds the libraries without panicking; [`model`] predicts the kernels' time on
+//! modelled GPUs from the plan and the SASS (a model, not a measurement).
 
 mod driver;
 pub mod graph;

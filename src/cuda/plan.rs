@@ -16,7 +16,7 @@ use crate::options::Reduction;
 use crate::validate::{Geometry, Layout, VidProblem};
 
 /// Threads per block of every kernel (kernels/vid.cu: kBlock and __launch_bounds__).
-const BLOCK: u32 = 256;
+pub(crate) const BLOCK: u32 = 256;
 /// Warps per block in the warp traversal.
 const WARPS_PER_BLOCK: u64 = BLOCK as u64 / 32;
 /// NCHW rows at least this long use the warp traversal; shorter ones the tile traversal.
@@ -31,11 +31,11 @@ const TILE_BLOCK_ELEMENTS: usize = 8 * 1024;
 /// (1.6% of the op's bytes).
 const CHUNK_ROWS_F32: usize = 64;
 /// Resident blocks per SM of the traversal kernels (kernels/vid.cu: __launch_bounds__(256, 2)).
-const BLOCKS_PER_SM: usize = 2;
+pub(crate) const BLOCKS_PER_SM: usize = 2;
 /// Waves of resident blocks a traversal grid covers at most (and at least 2 when it loops).
 const MAX_WAVES: usize = 4;
 /// The largest grid.y.
-const MAX_GRID_Y: usize = 65_535;
+pub(crate) const MAX_GRID_Y: usize = 65_535;
 
 /// Arguments of the traversal kernels; mirrors `vf::TraverseArgs` (all fields 8 bytes).
 #[repr(C)]
@@ -63,7 +63,7 @@ struct TraverseArgs {
 }
 
 /// Segments per grouped launch (kernels/vid.cu: kMaxSegments); larger groups take several.
-const MAX_SEGMENTS: usize = 16;
+pub(crate) const MAX_SEGMENTS: usize = 16;
 
 /// Mirrors `vf::TraverseSegment`.
 #[repr(C)]
@@ -111,7 +111,7 @@ impl TraverseGroupArgs {
 /// Blocks of a traversal launch over `blocks` virtual blocks: all of them up to MAX_WAVES
 /// waves of resident blocks, else 2 to MAX_WAVES waves, each block looping over an equal
 /// share (within one). Sizes the grid only: what each virtual block writes is fixed.
-fn traversal_grid(blocks: usize, multiprocessors: Option<u32>) -> usize {
+pub(crate) fn traversal_grid(blocks: usize, multiprocessors: Option<u32>) -> usize {
     let Some(sms) = multiprocessors.filter(|&n| n > 0) else {
         return blocks;
     };
@@ -271,7 +271,7 @@ fn scalar_code(kind: Kind) -> i64 {
 }
 
 /// The accumulation dtype: f64 for f64 inputs, f32 otherwise.
-fn acc_kind(kind: Kind) -> Kind {
+pub(crate) fn acc_kind(kind: Kind) -> Kind {
     if kind == Kind::Double {
         Kind::Double
     } else {
@@ -295,12 +295,12 @@ fn gcd(a: usize, b: usize) -> usize {
 
 /// How a traversal walks the problem, and where its partial sums go.
 #[derive(Debug, Clone, Copy)]
-struct Traversal {
+pub(crate) struct Traversal {
     /// The tile traversal (else the warp traversal).
-    tile: bool,
+    pub(crate) tile: bool,
     /// Virtual blocks (fixed chunks) of the problem's own grid; tile: `grid_x` row chunks
     /// times the column tiles.
-    blocks: usize,
+    pub(crate) blocks: usize,
     grid_x: usize,
     rows: usize,
     row_len: usize,
@@ -315,14 +315,18 @@ struct Traversal {
     elements: usize,
     cols: usize,
     /// Partial slots per (outer, channel): partial[((o * C + c) * inner + j) * K + k].
-    outer: usize,
-    inner: usize,
+    pub(crate) outer: usize,
+    pub(crate) inner: usize,
 }
 
 impl Traversal {
     /// `phase`: where every tensor's base lies past a 16-byte boundary, in elements, when all
     /// agree (packs then start at the same elements of each), else `None` (no packs).
-    fn plan(geometry: &Geometry, pack: usize, phase: Option<usize>) -> Result<Traversal> {
+    pub(crate) fn plan(
+        geometry: &Geometry,
+        pack: usize,
+        phase: Option<usize>,
+    ) -> Result<Traversal> {
         let (n, c, s) = (geometry.batch, geometry.channels, geometry.inner);
         match geometry.layout {
             Layout::ChannelsFirst if s >= WARP_MIN_ROW => {
@@ -417,7 +421,7 @@ impl Traversal {
     }
 
     /// Partial slots per sum.
-    fn slots(&self, channels: usize) -> usize {
+    pub(crate) fn slots(&self, channels: usize) -> usize {
         self.outer * channels * self.inner
     }
 
@@ -1073,13 +1077,13 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Bytes a Mean/Sum forward and backward move, from the plan: inputs and outputs once,
     /// partial sums written and read once, per-channel arrays (sums, log_scale, channel
     /// table, log_scale gradient) once each.
-    fn traffic(g: &Geometry, kind: Kind) -> (f64, f64, Traversal) {
+    pub(crate) fn traffic(g: &Geometry, kind: Kind) -> (f64, f64, Traversal) {
         let elt = kind.elt_size_in_bytes() as f64;
         let acc = acc_kind(kind).elt_size_in_bytes() as f64;
         let t = Traversal::plan(g, 16 / kind.elt_size_in_bytes(), Some(0)).unwrap();
