@@ -32,7 +32,10 @@ struct TraverseArgs {
     const void *mean;            // T*
     const void *target;          // T*
     const void *upstream;        // T*: per-element upstream gradient (op grad_none), else null
-    const void *upstream_scalar; // Acc*: upstream gradient of Mean/Sum (op grad), else null
+    const void *upstream_scalar; // Acc*: op grad when `out` already holds the forward's
+                                 // gradients for an upstream of 1 (the one-pass path): the
+                                 // segment is skipped when the upstream gradient is 1;
+                                 // else null
     const void *table;           // Acc [2C]: the op's per-channel factors (p0, p1), computed
                                  // once per call by an O(C) kernel: no FP64 while streaming
     void *out;                   // T*: per-element result (loss or grad of mean), or null
@@ -103,6 +106,20 @@ struct OpGrad : TableOp {
     template <typename A>
     static __device__ __forceinline__ A element(A p0, A, A m, A t, A, A *) {
         return p0 * (m - t);
+    }
+};
+
+// The one-pass forward: Q_c = sum d^2, and the gradient of mean for an upstream gradient of
+// 1, p0 d with p0 = w k / var: the same factor and product as OpGrad, so the same bits.
+struct OpSumSqGrad : TableOp {
+    static const int K = 1;
+    static const bool kWrites = true;
+    static const bool kReadsUpstream = false;
+    template <typename A>
+    static __device__ __forceinline__ A element(A p0, A, A m, A t, A, A *acc) {
+        A d = m - t;
+        acc[0] += d * d;
+        return p0 * d;
     }
 };
 
@@ -471,10 +488,15 @@ template <typename T, class Op> __device__ void group_traverse(const TraverseGro
     if (g.done != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
         *g.done = 0u;
     }
+    typedef typename Traits<T>::Acc A;
     const int V = VecWidth<T>::value;
     // Uniform across the block, so the tile traversal's barriers are safe.
     for (long long b = blockIdx.x; b < g.blocks; b += gridDim.x) {
         const TraverseSegment &seg = g.seg[find_segment(g.seg, g.count, b)];
+        if (seg.args.upstream_scalar != nullptr &&
+            *static_cast<const A *>(seg.args.upstream_scalar) == A(1)) {
+            continue; // the forward wrote exactly these values (the one-pass path)
+        }
         const long long block = b - seg.block_begin;
         if (seg.tile) {
             const long long bx = block % seg.grid_x, by = block / seg.grid_x;
@@ -760,7 +782,7 @@ __device__ void group_log_scale_grad(const LogScaleGroupArgs &g) {
 
 // ---- the channel table: an op's per-channel factors, once per call --------------------------
 
-enum TableKind { kLossFactors = 0, kInverseVariance = 1 };
+enum TableKind { kLossFactors = 0, kInverseVariance = 1, kGradientFactors = 2 };
 
 struct TableSegment {
     const void *log_scale; // Acc [C]
@@ -770,7 +792,8 @@ struct TableSegment {
     long long kind;        // TableKind
     long long block_begin;
     double eps;
-    double constant;       // loss factors: the per-element constant (0.5 ln(2 pi) or 0)
+    double constant;       // loss factors: the per-element constant (0.5 ln(2 pi) or 0);
+                           // gradient factors: w k, the factor of d / var
 };
 
 struct TableGroupArgs {
@@ -778,7 +801,9 @@ struct TableGroupArgs {
     TableSegment seg[kMaxSegments];
 };
 
-// (0.5 / var, 0.5 ln var + constant) for the loss, (1 / var, 0) for the gradient of None.
+// (0.5 / var, 0.5 ln var + constant) for the loss, (1 / var, 0) for the gradient of None,
+// (w k / var, 0) for the one-pass forward: the expression the log_scale gradient kernel
+// evaluates for the grad op's table when the upstream gradient is 1.
 template <typename A> __device__ void channel_table(const TableSegment &a, long long block, long long blocks) {
     A *table = static_cast<A *>(a.table);
     for (long long c = block * blockDim.x + threadIdx.x; c < a.channels; c += blocks * blockDim.x) {
@@ -786,6 +811,9 @@ template <typename A> __device__ void channel_table(const TableSegment &a, long 
         if (a.kind == kLossFactors) {
             table[2 * c] = (A)(0.5 / var);
             table[2 * c + 1] = (A)(0.5 * log(var) + a.constant);
+        } else if (a.kind == kGradientFactors) {
+            table[2 * c] = (A)(a.constant / var);
+            table[2 * c + 1] = A(0);
         } else {
             table[2 * c] = (A)(1.0 / var);
             table[2 * c + 1] = A(0);
@@ -814,6 +842,7 @@ __device__ void group_channel_table(const TableGroupArgs &g) {
 
 #define VF_DTYPE_KERNELS(T, suffix)                                                                \
     VF_GROUP_KERNEL(sumsq, vf::OpSumSq, T, suffix)                                                 \
+    VF_GROUP_KERNEL(sumsq_grad, vf::OpSumSqGrad, T, suffix)                                        \
     VF_GROUP_KERNEL(loss, vf::OpLoss, T, suffix)                                                   \
     VF_GROUP_KERNEL(grad, vf::OpGrad, T, suffix)                                                   \
     VF_GROUP_KERNEL(grad_none, vf::OpGradNone, T, suffix)

@@ -35,13 +35,12 @@ impl Backend {
     }
 
     /// The loss (and for Mean/Sum the channel sums); with `write`, the per-element gradients
-    /// for an upstream gradient of 1 too, where the backend writes them in the same pass
-    /// (the CPU; the CUDA kernels compute them in the backward).
+    /// for an upstream gradient of 1 too, written in the same pass.
     pub fn forward(&self, problem: &VidProblem, write: NeedsGrad) -> Result<ForwardOutput> {
         match self {
             Backend::Cpu => cpu::forward(problem, write),
-            Backend::Cuda(ordinal) => cuda::forward(*ordinal, problem),
-            Backend::Launcher(launcher) => cuda::plan::forward(launcher.as_ref(), problem),
+            Backend::Cuda(ordinal) => cuda::forward(*ordinal, problem, write),
+            Backend::Launcher(launcher) => cuda::plan::forward(launcher.as_ref(), problem, write),
         }
     }
 
@@ -59,9 +58,11 @@ impl Backend {
     ) -> Result<GroupForward> {
         match self {
             Backend::Cpu => cpu::forward_group(problems, weights, total_kind, write),
-            Backend::Cuda(ordinal) => cuda::forward_group(*ordinal, problems, weights, total_kind),
+            Backend::Cuda(ordinal) => {
+                cuda::forward_group(*ordinal, problems, weights, total_kind, write)
+            }
             Backend::Launcher(launcher) => {
-                cuda::plan::forward_group(launcher.as_ref(), problems, weights, total_kind)
+                cuda::plan::forward_group(launcher.as_ref(), problems, weights, total_kind, write)
             }
         }
     }
@@ -86,9 +87,15 @@ impl Backend {
                 let unit = g == 1.0;
                 cpu::backward_group(problems, channel_sumsq, &upstream, needs, unit, precomputed)
             }
-            Backend::Cuda(ordinal) => {
-                cuda::backward_group(*ordinal, problems, channel_sumsq, grad, weights, needs)
-            }
+            Backend::Cuda(ordinal) => cuda::backward_group(
+                *ordinal,
+                problems,
+                channel_sumsq,
+                grad,
+                weights,
+                needs,
+                precomputed,
+            ),
             Backend::Launcher(launcher) => cuda::plan::backward_group(
                 launcher.as_ref(),
                 problems,
@@ -96,6 +103,7 @@ impl Backend {
                 grad,
                 weights,
                 needs,
+                precomputed,
             ),
         }
     }

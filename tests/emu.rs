@@ -18,14 +18,16 @@ use vidfuse::{f_vid_loss_with_launcher, Reduction, VidError, VidOptions};
 
 const KINDS: [Kind; 4] = [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16];
 
-/// Checks one shape in every dtype, both layouts and all option combinations.
+/// Checks one shape in every dtype, both layouts and all option combinations, half of them
+/// on the one-pass path (the forward writes the gradients), half on the two-pass path.
 fn check_shape(launcher: &Arc<EmuLauncher>, shape: &[i64], mems: &[Mem]) {
     let op = emulated(launcher);
     for (i, &kind) in KINDS.iter().enumerate() {
         // Alternate log_scale between f32 and the inputs' dtype.
         let scale_kind = if i % 2 == 0 { Kind::Float } else { kind };
         for &mem in mems {
-            for opts in all_options() {
+            for (j, opts) in all_options().into_iter().enumerate() {
+                let opts = opts.gradients_in_forward((i + j) % 2 == 0);
                 // A sum of this many O(1) terms exceeds f16's range (65504): inf is then the
                 // correctly rounded answer, but not comparable with the reference.
                 let numel: i64 = shape.iter().product();
@@ -79,6 +81,7 @@ fn emu_warp_traversal_with_several_segments() {
     let launched = launcher.take_launched();
     for kernel in [
         "vid_sumsq_group_f32[warp+v]",
+        "vid_sumsq_grad_group_f32[warp+v]",
         "vid_grad_group_bf16[warp+v]",
         "vid_grad_none_group_f16[warp+v]",
         "vid_loss_group_f64[warp+v]",

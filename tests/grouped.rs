@@ -264,11 +264,16 @@ use common::emu_launcher::{emulated, emulated_grouped, EmuLauncher};
 use std::sync::Arc;
 
 /// Four layer pairs of one dtype: forward takes 2 launches (all passes; sums, losses and
-/// total), backward 2 (all gradients of mean; all of log_scale), with the values and
-/// gradients of the single-term op, bit for bit.
+/// total), 3 on the one-pass path (all gradient factors first), backward 2 (all gradients
+/// of mean, skipped on the device when the upstream is 1; all of log_scale), with the values
+/// and gradients of the single-term op, bit for bit.
 #[test]
 fn emu_grouped_launches_and_bitwise_agreement() {
-    for kind in [Kind::Float, Kind::BFloat16] {
+    for (kind, one_pass) in [
+        (Kind::Float, true),
+        (Kind::BFloat16, true),
+        (Kind::Float, false),
+    ] {
         let launcher = Arc::new(EmuLauncher::default());
         let pairs = vec![
             Pair::new(&[2, 8, 8, 8], kind, Kind::Float, Mem::Contiguous, 1.0),
@@ -276,10 +281,14 @@ fn emu_grouped_launches_and_bitwise_agreement() {
             Pair::new(&[2, 4, 600], kind, Kind::Float, Mem::Contiguous, 2.0),
             Pair::new(&[2, 32], kind, Kind::Float, Mem::Contiguous, 0.25),
         ];
-        let opts = VidOptions::default();
+        let opts = VidOptions::default().gradients_in_forward(one_pass);
         let loss = emulated_grouped(&launcher, &terms(&pairs), &opts).unwrap();
         let forward = launcher.take_launched();
-        assert!(forward.len() <= 2, "{kind:?}: forward launches {forward:?}");
+        let most = if one_pass { 3 } else { 2 };
+        assert!(
+            forward.len() <= most,
+            "{kind:?}: forward launches {forward:?}"
+        );
         let inputs: Vec<&Tensor> = pairs.iter().flat_map(|p| [&p.mean, &p.log_scale]).collect();
         let grads = Tensor::run_backward(&[&loss * 2.0], &inputs, false, false);
         let backward = launcher.take_launched();

@@ -164,5 +164,5 @@ fn nvrtc_parts_hold_their_kernels_and_compile_faster() {
         part_time.as_secs_f64(),
         all_time.as_secs_f64()
     );
-    assert_eq!(first_call.len(), 7);
+    assert_eq!(first_call.len(), 8);
 }

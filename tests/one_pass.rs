@@ -171,3 +171,58 @@ fn no_grad_and_none_reduction_keep_the_plain_forward() {
     let (_, passes) = grads(&x, &opts, 1.0);
     assert_eq!(passes, 2);
 }
+
+/// The CUDA launch plan on the host emulation: the forward's `sumsq_grad` pass writes the
+/// gradients, the backward's grad kernel skips them on the device when the upstream is 1
+/// (and recomputes them in place otherwise); bits as the two-pass path's.
+#[test]
+fn emu_one_pass_gradients_are_the_two_pass_bits() {
+    use common::emu_launcher::{emulated, EmuLauncher};
+    use std::sync::Arc;
+    let launcher = Arc::new(EmuLauncher::default());
+    let op = emulated(&launcher);
+    for kind in KINDS {
+        for (shape, mem) in [
+            (vec![3i64, 5, 4, 6], Mem::Contiguous),
+            (vec![3, 5, 4, 6], Mem::ChannelsLast),
+            (vec![3, 2, 700], Mem::Contiguous),
+            (vec![17, 9], Mem::Contiguous),
+        ] {
+            for target_grad in [false, true] {
+                for scale in [1.0, 2.5] {
+                    let what =
+                        format!("emu {kind:?} {shape:?} {mem:?} target {target_grad} x{scale}");
+                    let x = inputs(&shape, kind, mem, target_grad);
+                    let mut results = Vec::new();
+                    let mut launched = Vec::new();
+                    for opts in [
+                        VidOptions::default(),
+                        VidOptions::default().gradients_in_forward(false),
+                    ] {
+                        let _ = launcher.take_launched();
+                        let loss = op(&x.mean, &x.target, &x.log_scale, &opts).unwrap();
+                        let root = if scale == 1.0 { loss } else { loss * scale };
+                        let mut wanted = vec![&x.mean, &x.log_scale];
+                        if target_grad {
+                            wanted.push(&x.target);
+                        }
+                        results.push(Tensor::run_backward(&[root], &wanted, false, false));
+                        launched.push(launcher.take_launched());
+                    }
+                    assert_bitwise(&what, &results[0], &results[1]);
+                    let has = |list: &[String], name: &str| list.iter().any(|l| l.contains(name));
+                    assert!(
+                        has(&launched[0], "vid_sumsq_grad_group"),
+                        "{what}: {:?}",
+                        launched[0]
+                    );
+                    assert!(
+                        !has(&launched[1], "vid_sumsq_grad_group"),
+                        "{what}: {:?}",
+                        launched[1]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -308,7 +308,12 @@ fn sass_packs_are_stored_16_bytes_at_a_time() {
         let kernels = disassemble(&compiled.cubin, arch);
         for dtype in ["f32", "f64", "f16", "bf16"] {
             // (op, tensors read, tensors written)
-            for (op, reads, writes) in [("loss", 2, 1), ("grad", 2, 2), ("grad_none", 3, 2)] {
+            for (op, reads, writes) in [
+                ("loss", 2, 1),
+                ("grad", 2, 2),
+                ("grad_none", 3, 2),
+                ("sumsq_grad", 2, 2),
+            ] {
                 let name = format!("vid_{op}_group_{dtype}");
                 let (_, lines) = kernels
                     .iter()

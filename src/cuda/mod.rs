@@ -28,7 +28,7 @@ pub(crate) use launcher::KernelLauncher;
 #[doc(hidden)]
 pub use launcher::{KernelLauncher, LaunchConfig};
 
-use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad, Precomputed};
 use crate::error::{Result, VidError};
 use crate::validate::VidProblem;
 
@@ -53,9 +53,13 @@ pub fn warm_up(device: Device) -> Result<()> {
     }
 }
 
-pub(crate) fn forward(ordinal: usize, problem: &VidProblem) -> Result<ForwardOutput> {
+pub(crate) fn forward(
+    ordinal: usize,
+    problem: &VidProblem,
+    write: NeedsGrad,
+) -> Result<ForwardOutput> {
     let kernels = driver::device_kernels(ordinal)?;
-    plan::forward(&kernels.launcher()?, problem)
+    plan::forward(&kernels.launcher()?, problem, write)
 }
 
 pub(crate) fn backward_unreduced(
@@ -73,9 +77,10 @@ pub(crate) fn forward_group(
     problems: &[&VidProblem],
     weights: &[f64],
     total_kind: tch::Kind,
+    write: &[NeedsGrad],
 ) -> Result<GroupForward> {
     let kernels = driver::device_kernels(ordinal)?;
-    plan::forward_group(&kernels.launcher()?, problems, weights, total_kind)
+    plan::forward_group(&kernels.launcher()?, problems, weights, total_kind, write)
 }
 
 pub(crate) fn backward_group(
@@ -85,6 +90,7 @@ pub(crate) fn backward_group(
     grad: &Tensor,
     weights: &[f64],
     needs: &[NeedsGrad],
+    precomputed: Vec<Option<Precomputed>>,
 ) -> Result<Vec<Grads>> {
     let kernels = driver::device_kernels(ordinal)?;
     plan::backward_group(
@@ -94,5 +100,6 @@ pub(crate) fn backward_group(
         grad,
         weights,
         needs,
+        precomputed,
     )
 }

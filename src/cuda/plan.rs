@@ -9,7 +9,7 @@ use std::ffi::c_void;
 use tch::{Kind, Tensor};
 
 use super::launcher::{KernelLauncher, LaunchConfig};
-use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad};
+use crate::backend_io::{ForwardOutput, Grads, GroupForward, NeedsGrad, Precomputed};
 use crate::error::{Result, VidError};
 use crate::math::HALF_LN_TWO_PI;
 use crate::options::Reduction;
@@ -205,11 +205,12 @@ struct TableGroupArgs {
 /// `vf::TableKind`: what a channel table holds.
 const TABLE_LOSS_FACTORS: i64 = 0;
 const TABLE_INVERSE_VARIANCE: i64 = 1;
+const TABLE_GRADIENT_FACTORS: i64 = 2;
 
 /// Ops of the traversal kernels and storage dtypes: the kernels are named
 /// `vid_<op>_group_<dtype>`, plus `vid_channel_sum_group` and `vid_log_scale_grad_group`
 /// (kernels/vid.cu).
-const OPS: [&str; 4] = ["sumsq", "loss", "grad", "grad_none"];
+const OPS: [&str; 5] = ["sumsq", "sumsq_grad", "loss", "grad", "grad_none"];
 const DTYPES: [&str; 4] = ["f32", "f64", "f16", "bf16"];
 
 /// Every kernel the plan may launch, sorted.
@@ -534,36 +535,33 @@ impl<'a> Prepared<'a> {
         args
     }
 
-    /// Launches the O(C) kernel that fills this problem's channel table (Acc [2C] at
-    /// `table`) with the factors of `kind`.
+    /// The segment that fills this problem's channel table (Acc [2C] at `table`) with the
+    /// factors of `kind` (for TABLE_GRADIENT_FACTORS, `w k / var` with `wk`).
+    fn table_segment(&self, table: u64, kind: i64, wk: f64) -> TableSegment {
+        TableSegment {
+            log_scale: ptr(&self.log_scale),
+            table,
+            acc_f64: self.acc_f64(),
+            channels: self.geometry().channels as i64,
+            kind,
+            block_begin: 0,
+            eps: self.problem.options.eps_value(),
+            constant: if kind == TABLE_GRADIENT_FACTORS {
+                wk
+            } else {
+                self.constant()
+            },
+        }
+    }
+
+    /// Launches the O(C) kernel that fills this problem's channel table.
     fn channel_table<L: KernelLauncher + ?Sized>(
         &self,
         launcher: &L,
         table: u64,
         kind: i64,
     ) -> Result<()> {
-        let channels = self.geometry().channels;
-        let mut args = TableGroupArgs {
-            count: 1,
-            seg: [TableSegment::default(); MAX_SEGMENTS],
-        };
-        args.seg[0] = TableSegment {
-            log_scale: ptr(&self.log_scale),
-            table,
-            acc_f64: self.acc_f64(),
-            channels: channels as i64,
-            kind,
-            block_begin: 0,
-            eps: self.problem.options.eps_value(),
-            constant: self.constant(),
-        };
-        let blocks = channels.div_ceil(BLOCK as usize).min(MAX_GRID_Y);
-        launch_with(
-            launcher,
-            "vid_channel_table_group",
-            launch_config(blocks)?,
-            &mut args,
-        )
+        channel_table_group(launcher, &[self.table_segment(table, kind, 0.0)])
     }
 
     /// Bytes of a channel table.
@@ -695,6 +693,36 @@ fn channel_sum_group<L: KernelLauncher + ?Sized>(
     Ok(())
 }
 
+/// The channel tables of every segment, one launch per MAX_SEGMENTS.
+fn channel_table_group<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    segments: &[TableSegment],
+) -> Result<()> {
+    for chunk in segments.chunks(MAX_SEGMENTS) {
+        let mut args = TableGroupArgs {
+            count: chunk.len() as i64,
+            seg: [TableSegment::default(); MAX_SEGMENTS],
+        };
+        let mut blocks = 0usize;
+        for (segment, item) in args.seg.iter_mut().zip(chunk) {
+            *segment = TableSegment {
+                block_begin: blocks as i64,
+                ..*item
+            };
+            blocks += (item.channels as usize)
+                .div_ceil(BLOCK as usize)
+                .clamp(1, MAX_GRID_Y);
+        }
+        launch_with(
+            launcher,
+            "vid_channel_table_group",
+            launch_config(blocks)?,
+            &mut args,
+        )?;
+    }
+    Ok(())
+}
+
 /// d loss / d log_scale of every segment, one launch per MAX_SEGMENTS.
 fn log_scale_grad_group<L: KernelLauncher + ?Sized>(
     launcher: &L,
@@ -750,19 +778,22 @@ impl Workspace {
     }
 }
 
-/// Forward of one problem: the loss, plus the per-channel sums backward needs (Mean/Sum).
+/// Forward of one problem: the loss, plus the per-channel sums backward needs (Mean/Sum)
+/// and the per-element gradients `write` asks for (for an upstream gradient of 1).
 pub(crate) fn forward<L: KernelLauncher + ?Sized>(
     launcher: &L,
     problem: &VidProblem,
+    write: NeedsGrad,
 ) -> Result<ForwardOutput> {
     if problem.options.reduction_mode() != Reduction::None {
         let p = Prepared::new(problem)?;
         let loss = p.empty(&[], problem.kind())?;
-        let sums = sums_and_losses(launcher, &[p], &[ptr(&loss)], &[1.0], None)?;
+        let (sums, mut precomputed) =
+            sums_and_losses(launcher, &[p], &[ptr(&loss)], &[1.0], None, &[write])?;
         return Ok(ForwardOutput {
             loss,
             channel_sumsq: sums.into_iter().next(),
-            precomputed: None,
+            precomputed: precomputed.pop().flatten(),
         });
     }
     let p = Prepared::new(problem)?;
@@ -784,39 +815,86 @@ pub(crate) fn forward<L: KernelLauncher + ?Sized>(
 
 /// The sum-of-squares pass of every problem (one launch per dtype), then one launch that
 /// sums the partials per channel and, in its last block, writes each problem's loss (to
-/// `losses[k]` when not 0) and the weighted total (to `total`). Returns each problem's
-/// per-channel sums `Q_c`.
+/// `losses[k]` when not 0) and the weighted total (to `total`). Where `write[k]` asks for
+/// them, problem k's pass also writes the gradients of mean and/or target for an upstream
+/// gradient of `weights[k]` on its loss (1 on the total): the one-pass path. Returns each
+/// problem's per-channel sums `Q_c` and the gradients written.
 fn sums_and_losses<L: KernelLauncher + ?Sized>(
     launcher: &L,
     prepared: &[Prepared<'_>],
     losses: &[u64],
     weights: &[f64],
     total: Option<(u64, Kind)>,
-) -> Result<Vec<Tensor>> {
+    write: &[NeedsGrad],
+) -> Result<(Vec<Tensor>, Vec<Option<Precomputed>>)> {
+    let outputs = prepared
+        .iter()
+        .zip(write)
+        .map(|(p, w)| Ok([p.empty_like_input(w.mean)?, p.empty_like_input(w.target)?]))
+        .collect::<Result<Vec<_>>>()?;
     let traversals = prepared
         .iter()
-        .map(|p| p.traversal(&[]))
+        .zip(&outputs)
+        .map(|(p, [m, t])| p.traversal(&[m.as_ref(), t.as_ref()]))
         .collect::<Result<Vec<_>>>()?;
-    let partial_bytes: Vec<usize> = prepared
+    let writes: Vec<bool> = outputs
+        .iter()
+        .map(|[m, t]| m.is_some() || t.is_some())
+        .collect();
+    // Partials of every problem, then a gradient-factor table for each one that writes.
+    let mut piece_bytes: Vec<usize> = prepared
         .iter()
         .zip(&traversals)
         .map(|(p, t)| t.slots(p.geometry().channels) * p.acc.elt_size_in_bytes())
         .collect();
-    let (_workspace, partials, done) =
-        Workspace::new(prepared[0].problem.device(), &partial_bytes)?;
-    let items: Vec<TraverseItem<'_>> = prepared
+    piece_bytes.extend(
+        prepared
+            .iter()
+            .zip(&writes)
+            .map(|(p, &w)| if w { p.table_bytes() } else { 0 }),
+    );
+    let (_workspace, pieces, done) = Workspace::new(prepared[0].problem.device(), &piece_bytes)?;
+    let (partials, tables) = pieces.split_at(prepared.len());
+    let mut plain = Vec::new();
+    let mut writing = Vec::new();
+    let mut table_segments = Vec::new();
+    for (((((p, t), &partial), &table), [m, tg]), (&w, &weight)) in prepared
         .iter()
         .zip(&traversals)
-        .zip(&partials)
-        .map(|((p, t), &partial)| {
-            let args = TraverseArgs {
-                partial,
-                ..p.traverse_args(t)
-            };
-            p.item(*t, args)
+        .zip(partials)
+        .zip(tables)
+        .zip(&outputs)
+        .zip(writes.iter().zip(weights))
+    {
+        let mut args = TraverseArgs {
+            partial,
+            ..p.traverse_args(t)
+        };
+        if w {
+            // The factor the backward's table holds for an upstream of 1: w k / var.
+            let wk = weight * p.reduction_factor();
+            table_segments.push(p.table_segment(table, TABLE_GRADIENT_FACTORS, wk));
+            args.table = table;
+            args.out = optional_ptr(m.as_ref());
+            args.out_negated = optional_ptr(tg.as_ref());
+            writing.push(p.item(*t, args));
+        } else {
+            plain.push(p.item(*t, args));
+        }
+    }
+    channel_table_group(launcher, &table_segments)?;
+    if !plain.is_empty() {
+        traverse_group(launcher, "sumsq", &plain, done)?;
+    }
+    if !writing.is_empty() {
+        traverse_group(launcher, "sumsq_grad", &writing, done)?;
+    }
+    let precomputed = outputs
+        .into_iter()
+        .map(|[mean, target]| {
+            (mean.is_some() || target.is_some()).then_some(Precomputed { mean, target })
         })
         .collect();
-    traverse_group(launcher, "sumsq", &items, done)?;
 
     let sums = prepared
         .iter()
@@ -851,7 +929,7 @@ fn sums_and_losses<L: KernelLauncher + ?Sized>(
         .collect();
     let (total_ptr, total_code) = total.map_or((0, 0), |(t, kind)| (t, scalar_code(kind)));
     channel_sum_group(launcher, &segments, Some((done, total_ptr, total_code)))?;
-    Ok(sums)
+    Ok((sums, precomputed))
 }
 
 /// Forward of several Mean/Sum problems and their weighted total: one launch per dtype for
@@ -861,6 +939,7 @@ pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
     problems: &[&VidProblem],
     weights: &[f64],
     total_kind: Kind,
+    write: &[NeedsGrad],
 ) -> Result<GroupForward> {
     let prepared = problems
         .iter()
@@ -870,17 +949,18 @@ pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
     let total = Tensor::f_empty([], (total_kind, device))?;
     if problems.len() <= MAX_SEGMENTS {
         let losses = vec![0u64; problems.len()];
-        let channel_sumsq = sums_and_losses(
+        let (channel_sumsq, precomputed) = sums_and_losses(
             launcher,
             &prepared,
             &losses,
             weights,
             Some((ptr(&total), total_kind)),
+            write,
         )?;
         return Ok(GroupForward {
             total,
             channel_sumsq,
-            precomputed: Vec::new(),
+            precomputed,
         });
     }
     // More terms than one launch holds: each term's loss, then the total with tch ops.
@@ -889,7 +969,8 @@ pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
         .map(|p| p.empty(&[], p.problem.kind()))
         .collect::<Result<Vec<_>>>()?;
     let loss_ptrs: Vec<u64> = losses.iter().map(ptr).collect();
-    let channel_sumsq = sums_and_losses(launcher, &prepared, &loss_ptrs, weights, None)?;
+    let (channel_sumsq, precomputed) =
+        sums_and_losses(launcher, &prepared, &loss_ptrs, weights, None, write)?;
     let weighted = losses
         .iter()
         .zip(weights)
@@ -901,7 +982,7 @@ pub(crate) fn forward_group<L: KernelLauncher + ?Sized>(
     Ok(GroupForward {
         total,
         channel_sumsq,
-        precomputed: Vec::new(),
+        precomputed,
     })
 }
 
@@ -983,7 +1064,10 @@ pub(crate) fn backward_unreduced<L: KernelLauncher + ?Sized>(
 }
 
 /// Backward of several Mean/Sum problems; problem k's loss receives `grad * weights[k]`:
-/// one launch per dtype for the gradients of mean/target, one for every log_scale.
+/// one launch per dtype for the gradients of mean/target, one for every log_scale. Where
+/// `precomputed[k]` holds what the forward wrote (for an upstream gradient of 1), those
+/// tensors are the outputs, and the grad kernel skips their segment when `grad` is 1 on the
+/// device (else recomputes them in place): no host synchronisation either way.
 pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
     launcher: &L,
     problems: &[&VidProblem],
@@ -991,6 +1075,7 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
     grad: &Tensor,
     weights: &[f64],
     needs: &[NeedsGrad],
+    mut precomputed: Vec<Option<Precomputed>>,
 ) -> Result<Vec<Grads>> {
     let prepared = problems
         .iter()
@@ -1021,15 +1106,21 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
     let mut grads = Vec::with_capacity(problems.len());
     let mut items = Vec::new();
     let mut scale_segments = Vec::new();
-    for (((p, n), (w, q)), &table) in prepared
+    precomputed.resize_with(problems.len(), || None);
+    for ((((p, n), (w, q)), &table), pre) in prepared
         .iter()
         .zip(needs)
         .zip(weights.iter().zip(channel_sumsq))
         .zip(&tables)
+        .zip(precomputed)
     {
         let wk = w * p.reduction_factor();
-        let grad_mean = p.empty_like_input(n.mean)?;
-        let grad_target = p.empty_like_input(n.target)?;
+        let pre = pre.filter(|pre| pre.covers(n));
+        let from_forward = pre.is_some();
+        let (grad_mean, grad_target) = match pre {
+            Some(pre) => (pre.mean.filter(|_| n.mean), pre.target.filter(|_| n.target)),
+            None => (p.empty_like_input(n.mean)?, p.empty_like_input(n.target)?),
+        };
         let wants_elementwise = n.mean || n.target;
         if wants_elementwise {
             let traversal = p.traversal(&[grad_mean.as_ref(), grad_target.as_ref()])?;
@@ -1037,6 +1128,10 @@ pub(crate) fn backward_group<L: KernelLauncher + ?Sized>(
             args.table = table;
             args.out = optional_ptr(grad_mean.as_ref());
             args.out_negated = optional_ptr(grad_target.as_ref());
+            if from_forward {
+                // Skipped on the device when the upstream gradient is 1.
+                args.upstream_scalar = upstream_of(p.acc);
+            }
             items.push(p.item(traversal, args));
         }
         let log_scale = if n.log_scale {
