@@ -10,6 +10,7 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/version.h>
 
 #ifdef VIDFUSE_WITH_TORCH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
@@ -24,6 +25,13 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+// PyTorch 2.13 holds autograd nodes in c10::intrusive_ptr (Node derives from
+// c10::intrusive_ptr_target, and torch::autograd::deleteNode is gone); earlier releases hold
+// them in std::shared_ptr with deleteNode as the deleter.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+#define VIDFUSE_INTRUSIVE_NODES 1
+#endif
 
 namespace {
 
@@ -140,8 +148,12 @@ char *vf_attach_node(const char *name, vf_tensor *const *inputs, size_t n_inputs
         if (!torch::autograd::compute_requires_grad(in)) {
             return;
         }
+#ifdef VIDFUSE_INTRUSIVE_NODES
+        auto node = c10::make_intrusive<CallbackNode>(name, state, callbacks);
+#else
         std::shared_ptr<CallbackNode> node(new CallbackNode(name, state, callbacks),
                                            torch::autograd::deleteNode);
+#endif
         owned_by_node = true;
         node->set_next_edges(torch::autograd::collect_next_edges(in));
         for (size_t i = 0; i < n_outputs; ++i) {

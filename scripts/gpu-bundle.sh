@@ -4,6 +4,12 @@
 # MiB: small enough to carry). Then run `bash gpu-bundle/gpu-run.sh` on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The GPU machines have torch 2.11.0, the libtorch of tch 0.24 only (tch 0.26 needs 2.13).
+if ! grep -A1 '^name = "torch-sys"$' Cargo.lock | grep -q '^version = "0\.24\.'; then
+    echo "gpu-bundle: the GPU machines run torch 2.11.0: lock tch 0.24 first" \
+        "(cargo update -p tch --precise 0.24.0, which takes torch-sys 0.24 along)" >&2
+    exit 1
+fi
 bash scripts/setup.sh
 
 peers=${VID_PEERS:-scripts/vid_peers.py}

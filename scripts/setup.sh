@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a Python venv at .venv/ holding torch==2.11.0 (the libtorch that
-# tch 0.24 pairs with, plus libnvrtc from its CUDA wheels), and a stable link
-# `.libtorch` -> that torch folder, which .cargo/config.toml points LIBTORCH at.
+# Idempotent set-up: a Python venv at .venv/ holding the torch that the locked tch pairs
+# with (torch==2.11.0 for tch 0.24, 2.13.0 for tch 0.26; plus libnvrtc from its CUDA wheels),
+# and a stable link `.libtorch` -> that torch folder, which .cargo/config.toml points LIBTORCH
+# at. VIDFUSE_TORCH_VERSION overrides the version.
 # A user who already exported LIBTORCH or LIBTORCH_USE_PYTORCH keeps their libtorch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TORCH_VERSION=2.11.0
+# torch-sys checks that libtorch is the release its build.rs names (TORCH_VERSION there).
+locked_torch_sys=$(awk '$0 == "name = \"torch-sys\"" { getline; gsub(/"/, "", $3); print $3; exit }' \
+    Cargo.lock 2>/dev/null || true)
+case "$locked_torch_sys" in
+0.26.*) default_torch=2.13.0 ;;
+0.25.*) default_torch=2.12.0 ;;
+*) default_torch=2.11.0 ;;
+esac
+TORCH_VERSION=${VIDFUSE_TORCH_VERSION:-$default_torch}
 PYTHON=${PYTHON:-python3}
 
 if [ -n "${LIBTORCH:-}" ] || [ -n "${LIBTORCH_USE_PYTORCH:-}" ]; then
