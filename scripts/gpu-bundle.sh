@@ -4,11 +4,16 @@
 # MiB: small enough to carry). Then run `bash gpu-bundle/gpu-run.sh` on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The GPU machines have torch 2.11.0, the libtorch of tch 0.24 only (tch 0.26 needs 2.13).
+# The GPU machines have torch 2.11.0, the libtorch of tch 0.24 (tch 0.26 needs 2.13): whatever
+# this checkout locks, the bundle is built in scripts/older-pair.sh's tch 0.24 copy and
+# brought back here.
 if ! grep -A1 '^name = "torch-sys"$' Cargo.lock | grep -q '^version = "0\.24\.'; then
-    echo "gpu-bundle: the GPU machines run torch 2.11.0: lock tch 0.24 first" \
-        "(cargo update -p tch --precise 0.24.0, which takes torch-sys 0.24 along)" >&2
-    exit 1
+    bash scripts/older-pair.sh bash scripts/gpu-bundle.sh
+    rm -rf gpu-bundle
+    cp -r target/older-pair/src/gpu-bundle gpu-bundle
+    git rev-parse --short HEAD > gpu-bundle/commit.txt
+    du -sh gpu-bundle
+    exit 0
 fi
 bash scripts/setup.sh
 
