@@ -4,9 +4,9 @@
 //! torch.compile; `scripts/vid_sweep_peers.py`). `scripts/bench-sweep.sh` runs everything.
 //!
 //! ```text
-//! cargo bench --bench cpu_sweep -- shapes [--max-elems N]          # the shapes, one a line
-//! cargo bench --bench cpu_sweep -- measure --csv OUT [--max-elems N] [--budget-ms MS]
-//! cargo bench --bench cpu_sweep -- plot --csv OUT --png OUT [--title T] IN.csv...
+//! cargo bench --features bench --bench cpu_sweep -- shapes [--max-elems N]          # the shapes, one a line
+//! cargo bench --features bench --bench cpu_sweep -- measure --csv OUT [--max-elems N] [--budget-ms MS]
+//! cargo bench --features bench --bench cpu_sweep -- plot --csv OUT --png OUT [--title T] IN.csv...
 //! ```
 //!
 //! Gradients are returned (`run_backward`), not accumulated into `.grad`; the peers script

@@ -1,7 +1,7 @@
 //! GPU timings of the fused op, with CUDA events on PyTorch's current stream: forward and
 //! forward+backward against the same loss in plain tch ops, and against the measured
 //! device-copy bandwidth. Prints a table and, with `--csv PATH`, writes a CSV.
-//! Without a CUDA device it prints a note and exits. Run: `cargo bench --bench gpu`.
+//! Without a CUDA device it prints a note and exits. Run: `cargo bench --features bench --bench gpu`.
 //!
 //! `--sweep-csv PATH` also runs the size sweep of the CPU bench (`benches/cpu_sweep.rs`:
 //! f32 NCHW, 640 to 16.7M elements, fused and plain tch forward+backward, and the bytes

@@ -13,9 +13,9 @@
 //! PNG plots.
 //!
 //! ```text
-//! cargo run --release --example mnist_vid -- --quick     # about a minute on 2 cores
-//! cargo run --release --example mnist_vid                # the full run, results/
-//! cargo run --release --example mnist_vid -- --help
+//! cargo run --release --features experiment --example mnist_vid -- --quick     # about a minute on 2 cores
+//! cargo run --release --features experiment --example mnist_vid                # the full run, results/
+//! cargo run --release --features experiment --example mnist_vid -- --help
 //! ```
 
 #[path = "mnist_vid/data.rs"]

@@ -44,9 +44,9 @@ load() { # one line of load average and the three busiest processes
 } >"$work/meta"
 
 echo "bench-cpu: building and running the criterion bench" >&2
-cargo bench --bench cpu --no-run
+cargo bench --features bench --bench cpu --no-run
 rm -rf "$criterion_dir/copy" "$criterion_dir/vid_fwd" "$criterion_dir/vid_fwd_bwd"
-cargo bench --bench cpu 2>&1 | tee "$work/criterion.log" | grep -E '^(vid_|copy)|time:|thrpt:' >&2
+cargo bench --features bench --bench cpu 2>&1 | tee "$work/criterion.log" | grep -E '^(vid_|copy)|time:|thrpt:' >&2
 echo "load_between=$(load)" >>"$work/meta"
 
 echo "bench-cpu: running the PyTorch peers (eager, torch.compile)" >&2

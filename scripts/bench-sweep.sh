@@ -23,8 +23,8 @@ mkdir -p "$(dirname "$out")"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-cargo bench --bench cpu_sweep --no-run
-sweep() { cargo bench --quiet --bench cpu_sweep -- "$@"; }
+cargo bench --features bench --bench cpu_sweep --no-run
+sweep() { cargo bench --quiet --features bench --bench cpu_sweep -- "$@"; }
 mapfile -t shapes < <(sweep shapes --max-elems "$max_elems")
 echo "bench-sweep: ${#shapes[@]} shapes, ${shapes[0]} to ${shapes[-1]}; $(uptime | sed 's/.*load average/load average/')" >&2
 sweep measure --csv "$work/rust.csv" --max-elems "$max_elems" --budget-ms "$budget_ms"

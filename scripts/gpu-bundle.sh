@@ -34,7 +34,7 @@ out=gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/bin"
 cp "$(executable test --release --test gpu)" "$out/bin/gpu-tests"
-cp "$(executable bench --bench gpu)" "$out/bin/gpu-bench"
+cp "$(executable bench --features bench --bench gpu)" "$out/bin/gpu-bench"
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/gpu-run.sh "$out/"
 cp "$peers" "$out/vid_peers.py"
