@@ -240,6 +240,9 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
     #[inline(always)]
     fn channels_first(&self, unit: &Unit, bufs: &mut Buffers<E::Acc>) {
         let g = &self.plan.geometry;
+        if unit.batches.len() == 1 && 2 * g.inner <= CHUNK && self.plan.parts_per_row == 1 {
+            return self.short_rows(unit, bufs);
+        }
         for c in unit.channels.clone() {
             let (p, q) = (
                 [self.params.first[c]; LANES],
@@ -278,6 +281,52 @@ impl<E: Element, O: Op<E::Acc>> Walk<'_, E, O> {
                 let slot = (unit.batch_block * g.channels + c) * self.plan.parts_per_row;
                 self.write_partials(slot + unit.part, &totals);
             }
+        }
+    }
+
+    /// Channels-first rows shorter than half a chunk, of one image: its rows for the unit's
+    /// channels lie back to back, so a chunk takes several whole rows at once (one
+    /// conversion and one store per chunk, not per row: for 16-bit inputs with rows of 64
+    /// elements the per-row overhead was most of the pass). Each row is walked exactly as
+    /// [`Walk::channels_first`] walks it (the same lane blocks from the row's start, flushed at
+    /// its end), so the results are the same bits.
+    #[inline(always)]
+    fn short_rows(&self, unit: &Unit, bufs: &mut Buffers<E::Acc>) {
+        let g = &self.plan.geometry;
+        let (s, n) = (g.inner, unit.batches.start);
+        let rows_per_chunk = CHUNK / s;
+        let full = s / LANES * LANES;
+        let mut c = unit.channels.start;
+        while c < unit.channels.end {
+            let rows = rows_per_chunk.min(unit.channels.end - c);
+            let at = (n * g.channels + c) * s;
+            {
+                let mut io = self.load_chunk(bufs, at, rows * s);
+                for r in 0..rows {
+                    let ch = c + r;
+                    let (p, q) = (
+                        [self.params.first[ch]; LANES],
+                        [self.params.second[ch]; LANES],
+                    );
+                    let mut lanes = [[E::Acc::default(); LANES]; 2];
+                    let [l0, l1] = &mut lanes;
+                    let base = r * s;
+                    for b in (base..base + full).step_by(LANES) {
+                        apply_lanes::<_, O>(&p, &q, &mut io, b..b + LANES, l0, l1);
+                    }
+                    if full < s {
+                        apply_lanes::<_, O>(&p, &q, &mut io, base + full..base + s, l0, l1);
+                    }
+                    if O::SUMS > 0 {
+                        let mut totals = [0.0f64; 2];
+                        flush(&mut lanes, &mut totals);
+                        let slot = (unit.batch_block * g.channels + ch) * self.plan.parts_per_row;
+                        self.write_partials(slot + unit.part, &totals);
+                    }
+                }
+            }
+            self.finish_chunk(bufs, at, rows * s);
+            c += rows;
         }
     }
 
