@@ -15,21 +15,8 @@ cd "$repo"
 
 TORCH_VERSION=2.11.0
 venv=.venv-torch2.11
-PYTHON=${PYTHON:-python3}
-
-if [ ! -x "$venv/bin/python" ]; then
-    echo "older-pair: creating $venv" >&2
-    "$PYTHON" -m venv "$venv"
-fi
-have=$("$venv/bin/python" -W ignore -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
-if [ "$have" != "$TORCH_VERSION" ]; then
-    echo "older-pair: installing torch==$TORCH_VERSION into $venv (about 4.6 GB)" >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
-fi
-if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt")' >/dev/null 2>&1; then
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*" ||
-        echo "older-pair: nvidia-cuda-crt not installed; CUDA stream/graph helpers will be unavailable" >&2
-fi
+env -u LIBTORCH -u LIBTORCH_USE_PYTORCH VIDFUSE_VENV="$venv" VIDFUSE_TORCH_VERSION="$TORCH_VERSION" \
+    VIDFUSE_LINKS=0 bash scripts/setup.sh
 torch_dir=$("$venv/bin/python" -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)
 
 work=target/older-pair

@@ -2,7 +2,8 @@
 # Idempotent set-up: a Python venv at .venv/ holding the torch that the locked tch pairs
 # with (torch==2.11.0 for tch 0.24, 2.13.0 for tch 0.26; plus libnvrtc from its CUDA wheels),
 # and a stable link `.libtorch` -> that torch folder, which .cargo/config.toml points LIBTORCH
-# at. VIDFUSE_TORCH_VERSION overrides the version.
+# at. VIDFUSE_TORCH_VERSION overrides the version; VIDFUSE_VENV the venv's folder, and
+# VIDFUSE_LINKS=0 leaves the links alone (scripts/older-pair.sh keeps a second venv this way).
 # A user who already exported LIBTORCH or LIBTORCH_USE_PYTORCH keeps their libtorch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,15 +24,16 @@ if [ -n "${LIBTORCH:-}" ] || [ -n "${LIBTORCH_USE_PYTORCH:-}" ]; then
     exit 0
 fi
 
-venv_python=.venv/bin/python
+venv=${VIDFUSE_VENV:-.venv}
+venv_python=$venv/bin/python
 if [ ! -x "$venv_python" ]; then
-    echo "setup: creating .venv" >&2
-    "$PYTHON" -m venv .venv
+    echo "setup: creating $venv" >&2
+    "$PYTHON" -m venv "$venv"
 fi
 
 have=$("$venv_python" -W ignore -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 if [ "$have" != "$TORCH_VERSION" ]; then
-    echo "setup: installing torch==$TORCH_VERSION into .venv (about 4.6 GB, a few minutes)" >&2
+    echo "setup: installing torch==$TORCH_VERSION into $venv (about 4.6 GB, a few minutes)" >&2
     "$venv_python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
 fi
 
@@ -43,6 +45,10 @@ if ! "$venv_python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-c
 fi
 
 torch_dir=$("$venv_python" -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)
+if [ "${VIDFUSE_LINKS:-1}" = 0 ]; then
+    echo "setup: ready (libtorch at $torch_dir)" >&2
+    exit 0
+fi
 if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
     ln -sfn "$torch_dir" .libtorch
 fi

@@ -174,11 +174,43 @@ struct LogScaleSegment {
     scale: f64,
 }
 
-/// Mirrors `vf::LogScaleGroupArgs`.
+/// The argument of an O(C) kernel's grouped launch: mirrors `vf::LogScaleGroupArgs` and
+/// `vf::TableGroupArgs` (a count, then the segment table).
 #[repr(C)]
-struct LogScaleGroupArgs {
+struct PerChannelGroupArgs<S> {
     count: i64,
-    seg: [LogScaleSegment; MAX_SEGMENTS],
+    seg: [S; MAX_SEGMENTS],
+}
+
+/// A segment of an O(C) kernel: its channel count sizes its share of the grid.
+trait PerChannelSegment: Copy + Default {
+    fn channels(&self) -> i64;
+    /// The segment, starting at block `block_begin` of the launch.
+    fn at_block(self, block_begin: i64) -> Self;
+}
+
+impl PerChannelSegment for LogScaleSegment {
+    fn channels(&self) -> i64 {
+        self.channels
+    }
+    fn at_block(self, block_begin: i64) -> Self {
+        LogScaleSegment {
+            block_begin,
+            ..self
+        }
+    }
+}
+
+impl PerChannelSegment for TableSegment {
+    fn channels(&self) -> i64 {
+        self.channels
+    }
+    fn at_block(self, block_begin: i64) -> Self {
+        TableSegment {
+            block_begin,
+            ..self
+        }
+    }
 }
 
 /// Mirrors `vf::TableSegment`.
@@ -193,13 +225,6 @@ struct TableSegment {
     block_begin: i64,
     eps: f64,
     constant: f64,
-}
-
-/// Mirrors `vf::TableGroupArgs`.
-#[repr(C)]
-struct TableGroupArgs {
-    count: i64,
-    seg: [TableSegment; MAX_SEGMENTS],
 }
 
 /// `vf::TableKind`: what a channel table holds.
@@ -698,29 +723,7 @@ fn channel_table_group<L: KernelLauncher + ?Sized>(
     launcher: &L,
     segments: &[TableSegment],
 ) -> Result<()> {
-    for chunk in segments.chunks(MAX_SEGMENTS) {
-        let mut args = TableGroupArgs {
-            count: chunk.len() as i64,
-            seg: [TableSegment::default(); MAX_SEGMENTS],
-        };
-        let mut blocks = 0usize;
-        for (segment, item) in args.seg.iter_mut().zip(chunk) {
-            *segment = TableSegment {
-                block_begin: blocks as i64,
-                ..*item
-            };
-            blocks += (item.channels as usize)
-                .div_ceil(BLOCK as usize)
-                .clamp(1, MAX_GRID_Y);
-        }
-        launch_with(
-            launcher,
-            "vid_channel_table_group",
-            launch_config(blocks)?,
-            &mut args,
-        )?;
-    }
-    Ok(())
+    per_channel_group(launcher, "vid_channel_table_group", segments)
 }
 
 /// d loss / d log_scale of every segment, one launch per MAX_SEGMENTS.
@@ -728,27 +731,29 @@ fn log_scale_grad_group<L: KernelLauncher + ?Sized>(
     launcher: &L,
     segments: &[LogScaleSegment],
 ) -> Result<()> {
+    per_channel_group(launcher, "vid_log_scale_grad_group", segments)
+}
+
+/// An O(C) kernel over every segment, one launch per MAX_SEGMENTS; each segment gets
+/// ceil(C / BLOCK) blocks (at least one), back to back.
+fn per_channel_group<L: KernelLauncher + ?Sized, S: PerChannelSegment>(
+    launcher: &L,
+    kernel: &str,
+    segments: &[S],
+) -> Result<()> {
     for chunk in segments.chunks(MAX_SEGMENTS) {
-        let mut args = LogScaleGroupArgs {
+        let mut args = PerChannelGroupArgs {
             count: chunk.len() as i64,
-            seg: [LogScaleSegment::default(); MAX_SEGMENTS],
+            seg: [S::default(); MAX_SEGMENTS],
         };
         let mut blocks = 0usize;
         for (segment, item) in args.seg.iter_mut().zip(chunk) {
-            *segment = LogScaleSegment {
-                block_begin: blocks as i64,
-                ..*item
-            };
-            blocks += (item.channels as usize)
+            *segment = item.at_block(blocks as i64);
+            blocks += (item.channels() as usize)
                 .div_ceil(BLOCK as usize)
                 .clamp(1, MAX_GRID_Y);
         }
-        launch_with(
-            launcher,
-            "vid_log_scale_grad_group",
-            launch_config(blocks)?,
-            &mut args,
-        )?;
+        launch_with(launcher, kernel, launch_config(blocks)?, &mut args)?;
     }
     Ok(())
 }
