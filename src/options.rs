@@ -75,7 +75,7 @@ impl VidOptions {
     /// use tch::{Device, Kind, Tensor};
     /// use vidfuse::{vid_loss, VidOptions};
     /// let o = (Kind::Float, Device::Cpu);
-    /// let mean = Tensor::randn([8, 4, 3, 3], o).set_requires_grad(true);
+    /// let mut mean = Tensor::randn([8, 4, 3, 3], o).set_requires_grad(true);
     /// let target = Tensor::randn([8, 4, 3, 3], o);
     /// let log_scale = Tensor::zeros([4], o).set_requires_grad(true);
     /// let two_pass = VidOptions::default().gradients_in_forward(false);
