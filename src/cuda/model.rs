@@ -1199,7 +1199,7 @@ mod tests {
 
     use super::super::launcher::{KernelLauncher, LaunchConfig};
     use super::super::nvrtc::{compile_part, KernelPart, Target};
-    use super::super::plan::tests::traffic;
+    use super::super::plan::traffic::traffic;
     use super::*;
     use crate::backend::Backend;
     use crate::options::VidOptions;
