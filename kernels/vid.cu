@@ -524,8 +524,15 @@ struct SumSegment {
     long long inner;
     long long sums;
     long long block_begin;
+    // When the partials have many chunks, the combine takes two launches: the first splits the
+    // chunks into `groups` runs of `group_chunks` (one block per run and channel unit, in
+    // parallel) and writes each run's sums to out[(g * C + c) * sums + k]; the second sums
+    // those runs (outer = groups). 1: one launch.
+    long long groups;
+    long long group_chunks;
     // Loss epilogue (forward): loss = scale * (sum_c 0.5 (Q_c / var_c + M ln var_c) + constant_total)
     const void *log_scale; // Acc [C]
+    void *terms;           // double [C]: channel c's term 0.5 (Q_c / var_c + M ln var_c), or null
     void *loss;            // the term's loss (loss_code), or null
     long long loss_code;
     double eps;
@@ -586,6 +593,37 @@ __device__ __forceinline__ double load_acc(const void *p, long long i, bool f64)
     return (double)static_cast<const volatile float *>(p)[i];
 }
 
+// The chunks [begin, end) a block sums: all of them, or run `group` of a split combine.
+struct ChunkRun {
+    long long group;
+    long long begin;
+    long long end;
+};
+
+// A channel's loss term, 0.5 (Q / var + M ln var) with var = softplus(log_scale) + eps, in
+// double: the FP64 work of the loss, spread over the combine's blocks (the epilogue only adds
+// the terms). Not inlined: one copy for the four call sites (two accumulation types, two
+// walks).
+__device__ __noinline__ double loss_term(double log_scale, double eps, double per_channel, double q) {
+    const double var = softplus(log_scale) + eps;
+    return 0.5 * (q / var + per_channel * log(var));
+}
+
+// Stores the sum of run `run` for (channel c, sum k); after the last run, also channel c's
+// loss term when the segment has an epilogue. Both are read by other blocks of the launch.
+template <typename A>
+__device__ __forceinline__ void write_channel_sum(const SumSegment &a, const ChunkRun &run, long long c,
+                                                  long long k, A sum) {
+    A *out = static_cast<A *>(a.out) + (run.group * a.channels + c) * a.sums + k;
+    *out = sum;
+    VF_PUBLISH(out);
+    if (a.terms != nullptr && k == 0) {
+        double *term = static_cast<double *>(a.terms) + c;
+        *term = loss_term(load_acc(a.log_scale, c, a.acc_f64), a.eps, a.per_channel, (double)sum);
+        VF_PUBLISH(term);
+    }
+}
+
 // Channels summed by one block when each (chunk, channel) has one partial (inner == 1):
 // lane l of every warp reads channel c0 + l, so a warp's loads are consecutive addresses.
 const int kChannelsPerBlock = 32;
@@ -593,7 +631,7 @@ const int kChannelsPerBlock = 32;
 // Partials of channels [c0, c0 + 32) when inner == 1: warp w sums chunks w, w + 8, ... (four
 // loads in flight per lane), then warp 0 adds the 8 warps' sums in a fixed order.
 template <typename A>
-__device__ void channel_sums_across(const SumSegment &a, long long c0, long long k) {
+__device__ void channel_sums_across(const SumSegment &a, const ChunkRun &run, long long c0, long long k) {
     VF_SHARED_ARRAY(A, warp_sums, kBlock);
     const A *partial = static_cast<const A *>(a.partial);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -602,13 +640,13 @@ __device__ void channel_sums_across(const SumSegment &a, long long c0, long long
     if (c < a.channels) {
         const long long stride = a.channels * a.sums; // between chunks
         const A *p = partial + c * a.sums + k;
-        long long o = warp;
-        for (; o + 3 * warps < a.outer; o += 4 * warps) {
+        long long o = run.begin + warp;
+        for (; o + 3 * warps < run.end; o += 4 * warps) {
             const A v0 = p[o * stride], v1 = p[(o + warps) * stride];
             const A v2 = p[(o + 2 * warps) * stride], v3 = p[(o + 3 * warps) * stride];
             s += ((v0 + v1) + (v2 + v3));
         }
-        for (; o < a.outer; o += warps) {
+        for (; o < run.end; o += warps) {
             s += p[o * stride];
         }
     }
@@ -620,19 +658,18 @@ __device__ void channel_sums_across(const SumSegment &a, long long c0, long long
         for (int w = 0; w < warps; ++w) {
             total += VF_SHARED(warp_sums, w * 32 + lane);
         }
-        A *out = static_cast<A *>(a.out) + c * a.sums + k;
-        *out = total;
-        VF_PUBLISH(out); // read by the epilogue's block
+        write_channel_sum(a, run, c, k, total);
     }
 }
 
 // Partials of channel c when inner > 1: warp w takes chunks w, w + 8, ...; its lanes read
 // the chunk's `inner` consecutive partials of the channel; then a fixed-order block sum.
-template <typename A> __device__ void channel_sums_within(const SumSegment &a, long long c, long long k) {
+template <typename A>
+__device__ void channel_sums_within(const SumSegment &a, const ChunkRun &run, long long c, long long k) {
     const A *partial = static_cast<const A *>(a.partial);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     A s = A(0);
-    for (long long o = warp; o < a.outer; o += warps) {
+    for (long long o = run.begin + warp; o < run.end; o += warps) {
         const A *row = partial + ((o * a.channels + c) * a.inner) * a.sums + k;
         for (long long j = lane; j < a.inner; j += 32) {
             s += row[j * a.sums];
@@ -640,9 +677,7 @@ template <typename A> __device__ void channel_sums_within(const SumSegment &a, l
     }
     s = block_sum(s);
     if (threadIdx.x == 0) {
-        A *out = static_cast<A *>(a.out) + c * a.sums + k;
-        *out = s;
-        VF_PUBLISH(out); // read by the epilogue's block
+        write_channel_sum(a, run, c, k, s);
     }
 }
 
@@ -650,30 +685,39 @@ template <typename A> __device__ void channel_sums_within(const SumSegment &a, l
 // with coalesced reads and no division in the loops. Loop bounds are uniform across the
 // block, so the barriers inside are safe.
 template <typename A> __device__ void channel_sums(const SumSegment &a, long long block, long long blocks) {
+    // The segment's blocks are `groups` equal sets, one per run of chunks (the host makes
+    // `blocks` a multiple of `groups`).
+    const long long groups = a.groups > 1 ? a.groups : 1;
+    const long long unit_blocks = blocks / groups;
+    ChunkRun run;
+    run.group = block / unit_blocks;
+    run.begin = groups > 1 ? run.group * a.group_chunks : 0;
+    run.end = groups > 1 && run.begin + a.group_chunks < a.outer ? run.begin + a.group_chunks : a.outer;
+    block %= unit_blocks;
     if (a.inner == 1) {
-        for (long long c0 = block * kChannelsPerBlock; c0 < a.channels; c0 += blocks * kChannelsPerBlock) {
+        for (long long c0 = block * kChannelsPerBlock; c0 < a.channels; c0 += unit_blocks * kChannelsPerBlock) {
             for (long long k = 0; k < a.sums; ++k) {
-                channel_sums_across<A>(a, c0, k);
+                channel_sums_across<A>(a, run, c0, k);
             }
         }
         return;
     }
-    for (long long c = block; c < a.channels; c += blocks) {
+    for (long long c = block; c < a.channels; c += unit_blocks) {
         for (long long k = 0; k < a.sums; ++k) {
-            channel_sums_within<A>(a, c, k);
+            channel_sums_within<A>(a, run, c, k);
         }
     }
 }
 
-// One block: every segment's loss in a fixed order, then the weighted total.
+// One block: every segment's loss in a fixed order (its channels' terms, which the combine's
+// blocks computed), then the weighted total.
 __device__ __noinline__ void loss_epilogue(const ChannelSumGroupArgs &g) {
     double total = 0.0;
     for (long long s = 0; s < g.count; ++s) {
         const SumSegment &a = g.seg[s];
         double sum = 0.0;
         for (long long c = threadIdx.x; c < a.channels; c += blockDim.x) {
-            const double var = softplus(load_acc(a.log_scale, c, a.acc_f64)) + a.eps;
-            sum += 0.5 * (load_acc(a.out, c, a.acc_f64) / var + a.per_channel * log(var));
+            sum += load_acc(a.terms, c, true);
         }
         sum = block_sum(sum);
         if (threadIdx.x == 0) {

@@ -90,7 +90,12 @@ pub(super) struct SumSegment {
     pub(super) inner: i64,
     pub(super) sums: i64,
     pub(super) block_begin: i64,
+    /// Runs of chunks a split combine sums in parallel (its first launch), and their length.
+    pub(super) groups: i64,
+    pub(super) group_chunks: i64,
     pub(super) log_scale: u64,
+    /// Per-channel loss terms (f64 [C]) the epilogue adds, or 0.
+    pub(super) terms: u64,
     pub(super) loss: u64,
     pub(super) loss_code: i64,
     pub(super) eps: f64,

@@ -78,50 +78,91 @@ pub(super) fn traverse_group<L: KernelLauncher + ?Sized>(
 }
 
 /// Per-channel sums of the partials of every segment, in one launch per MAX_SEGMENTS; with
-/// `epilogue`, the last block also writes each segment's loss and the weighted total.
+/// `epilogue`, the last block also writes each segment's loss and the weighted total. A
+/// segment whose chunks the combine splits into runs (`groups` > 1) first has its runs summed
+/// in parallel into `run_sums[i]` by a launch of its own, whose sums the second launch adds.
 pub(super) fn channel_sum_group<L: KernelLauncher + ?Sized>(
     launcher: &L,
     segments: &[SumSegment],
+    run_sums: &[u64],
     epilogue: Option<(u64, u64, i64)>,
 ) -> Result<()> {
-    for chunk in segments.chunks(MAX_SEGMENTS) {
-        let (done, total, total_code) = epilogue.unwrap_or((0, 0, 0));
-        let mut args = ChannelSumGroupArgs {
-            count: chunk.len() as i64,
-            epilogue: epilogue.is_some() as i64,
-            done,
-            // A total over several launches is summed by the caller.
-            total: if segments.len() <= MAX_SEGMENTS {
-                total
+    let runs: Vec<SumSegment> = segments
+        .iter()
+        .zip(run_sums)
+        .filter(|(s, _)| s.groups > 1)
+        .map(|(s, &out)| SumSegment {
+            out,
+            terms: 0,
+            ..*s
+        })
+        .collect();
+    for chunk in runs.chunks(MAX_SEGMENTS) {
+        channel_sum_launch(launcher, chunk, None, false)?;
+    }
+    let last: Vec<SumSegment> = segments
+        .iter()
+        .zip(run_sums)
+        .map(|(s, &partial)| {
+            if s.groups > 1 {
+                SumSegment {
+                    partial,
+                    outer: s.groups,
+                    inner: 1,
+                    groups: 1,
+                    group_chunks: 0,
+                    ..*s
+                }
             } else {
-                0
-            },
-            total_code,
-            seg: [SumSegment::default(); MAX_SEGMENTS],
-        };
-        let mut blocks = 0usize;
-        for (segment, item) in args.seg.iter_mut().zip(chunk) {
-            *segment = SumSegment {
-                block_begin: blocks as i64,
-                ..*item
-            };
-            // kernels/vid.cu: 32 channels per block when each chunk has one partial per
-            // channel (inner == 1), else a block per channel.
-            let units = if item.inner == 1 {
-                (item.channels as usize).div_ceil(32)
-            } else {
-                item.channels as usize
-            };
-            blocks += units.clamp(1, MAX_GRID_Y);
-        }
-        launch_with(
-            launcher,
-            "vid_channel_sum_group",
-            launch_config(blocks)?,
-            &mut args,
-        )?;
+                *s
+            }
+        })
+        .collect();
+    // A total over several launches is summed by the caller.
+    let one_launch = segments.len() <= MAX_SEGMENTS;
+    for chunk in last.chunks(MAX_SEGMENTS) {
+        channel_sum_launch(launcher, chunk, epilogue, one_launch)?;
     }
     Ok(())
+}
+
+/// One launch of `vid_channel_sum_group` over up to MAX_SEGMENTS segments.
+fn channel_sum_launch<L: KernelLauncher + ?Sized>(
+    launcher: &L,
+    segments: &[SumSegment],
+    epilogue: Option<(u64, u64, i64)>,
+    writes_total: bool,
+) -> Result<()> {
+    let (done, total, total_code) = epilogue.unwrap_or((0, 0, 0));
+    let mut args = ChannelSumGroupArgs {
+        count: segments.len() as i64,
+        epilogue: epilogue.is_some() as i64,
+        done,
+        total: if writes_total { total } else { 0 },
+        total_code,
+        seg: [SumSegment::default(); MAX_SEGMENTS],
+    };
+    let mut blocks = 0usize;
+    for (segment, item) in args.seg.iter_mut().zip(segments) {
+        *segment = SumSegment {
+            block_begin: blocks as i64,
+            ..*item
+        };
+        // kernels/vid.cu: 32 channels per block when each chunk has one partial per
+        // channel (inner == 1), else a block per channel; that many per run of chunks.
+        let units = if item.inner == 1 {
+            (item.channels as usize).div_ceil(32)
+        } else {
+            item.channels as usize
+        };
+        blocks += units.clamp(1, MAX_GRID_Y) * item.groups.max(1) as usize;
+    }
+    launch_with(
+        launcher,
+        "vid_channel_sum_group",
+        launch_config(blocks)?,
+        &mut args,
+    )
 }
 
 /// The channel tables of every segment, one launch per MAX_SEGMENTS.

@@ -174,6 +174,29 @@ impl<'a> Prepared<'a> {
         channel_table_group(launcher, &[self.table_segment(table, kind, 0.0)])
     }
 
+    /// The combine's segment for the partials of `traversal` (`sums` per slot) at `partial`,
+    /// summed per channel into `out`.
+    fn sum_segment(&self, traversal: &Traversal, partial: u64, out: u64, sums: i64) -> SumSegment {
+        let (groups, group_chunks) = traversal.combine_runs();
+        SumSegment {
+            partial,
+            out,
+            acc_f64: self.acc_f64(),
+            channels: self.geometry().channels as i64,
+            outer: traversal.outer as i64,
+            inner: traversal.inner as i64,
+            sums,
+            groups: groups as i64,
+            group_chunks: group_chunks as i64,
+            ..SumSegment::default()
+        }
+    }
+
+    /// Bytes of the split combine's run sums for `sums` sums per channel (0 in one launch).
+    fn run_sum_bytes(&self, traversal: &Traversal, sums: usize) -> usize {
+        traversal.run_slots(self.geometry().channels) * sums * self.acc.elt_size_in_bytes()
+    }
+
     /// Bytes of a channel table.
     fn table_bytes(&self) -> usize {
         2 * self.geometry().channels * self.acc.elt_size_in_bytes()
@@ -263,7 +286,8 @@ fn sums_and_losses<L: KernelLauncher + ?Sized>(
         .iter()
         .map(|[m, t]| m.is_some() || t.is_some())
         .collect();
-    // Partials of every problem, then a gradient-factor table for each one that writes.
+    // Partials of every problem, a gradient-factor table for each one that writes, the split
+    // combine's run sums, and the loss terms per channel.
     let mut piece_bytes: Vec<usize> = prepared
         .iter()
         .zip(&traversals)
@@ -275,8 +299,17 @@ fn sums_and_losses<L: KernelLauncher + ?Sized>(
             .zip(&writes)
             .map(|(p, &w)| if w { p.table_bytes() } else { 0 }),
     );
+    piece_bytes.extend(
+        prepared
+            .iter()
+            .zip(&traversals)
+            .map(|(p, t)| p.run_sum_bytes(t, 1)),
+    );
+    piece_bytes.extend(prepared.iter().map(|p| p.geometry().channels * 8));
     let (_workspace, pieces, done) = Workspace::new(prepared[0].problem.device(), &piece_bytes)?;
-    let (partials, tables) = pieces.split_at(prepared.len());
+    let (partials, rest) = pieces.split_at(prepared.len());
+    let (tables, rest) = rest.split_at(prepared.len());
+    let (run_sums, terms) = rest.split_at(prepared.len());
     let mut plain = Vec::new();
     let mut writing = Vec::new();
     let mut table_segments = Vec::new();
@@ -326,19 +359,12 @@ fn sums_and_losses<L: KernelLauncher + ?Sized>(
         .iter()
         .zip(&traversals)
         .zip(partials.iter().zip(&sums))
-        .zip(losses.iter().zip(weights))
-        .map(|(((p, t), (&partial, q)), (&loss, &weight))| {
+        .zip(terms.iter().zip(losses.iter().zip(weights)))
+        .map(|(((p, t), (&partial, q)), (&terms, (&loss, &weight)))| {
             let g = p.geometry();
             SumSegment {
-                partial,
-                out: ptr(q),
-                acc_f64: p.acc_f64(),
-                channels: g.channels as i64,
-                outer: t.outer as i64,
-                inner: t.inner as i64,
-                sums: 1,
-                block_begin: 0,
                 log_scale: ptr(&p.log_scale),
+                terms,
                 loss,
                 loss_code: scalar_code(p.problem.kind()),
                 eps: p.problem.options.eps_value(),
@@ -346,11 +372,13 @@ fn sums_and_losses<L: KernelLauncher + ?Sized>(
                 constant_total: g.numel() as f64 * p.constant(),
                 scale: p.reduction_factor(),
                 weight,
+                ..p.sum_segment(t, partial, ptr(q), 1)
             }
         })
         .collect();
     let (total_ptr, total_code) = total.map_or((0, 0), |(t, kind)| (t, scalar_code(kind)));
-    channel_sum_group(launcher, &segments, Some((done, total_ptr, total_code)))?;
+    let epilogue = Some((done, total_ptr, total_code));
+    channel_sum_group(launcher, &segments, run_sums, epilogue)?;
     Ok((sums, precomputed))
 }
 
@@ -437,9 +465,10 @@ pub(crate) fn backward_unreduced<L: KernelLauncher + ?Sized>(
         &[
             traversal.slots(channels) * 2 * p.acc.elt_size_in_bytes(),
             p.table_bytes(),
+            p.run_sum_bytes(&traversal, 2),
         ],
     )?;
-    let (partials, table) = (&pieces[..1], pieces[1]);
+    let (partials, table, run_sums) = (&pieces[..1], pieces[1], &pieces[2..]);
     p.channel_table(launcher, table, TABLE_INVERSE_VARIANCE)?;
     let mut args = p.traverse_args(&traversal);
     args.table = table;
@@ -452,17 +481,8 @@ pub(crate) fn backward_unreduced<L: KernelLauncher + ?Sized>(
     let mut grads = Grads::default();
     if needs.log_scale {
         let sums = p.empty(&[(channels * 2) as i64], p.acc)?;
-        let segment = SumSegment {
-            partial: partials[0],
-            out: ptr(&sums),
-            acc_f64: p.acc_f64(),
-            channels: channels as i64,
-            outer: traversal.outer as i64,
-            inner: traversal.inner as i64,
-            sums: 2,
-            ..SumSegment::default()
-        };
-        channel_sum_group(launcher, &[segment], None)?;
+        let segment = p.sum_segment(&traversal, partials[0], ptr(&sums), 2);
+        channel_sum_group(launcher, &[segment], run_sums, None)?;
         let out = p.empty(&[channels as i64], p.acc)?;
         let segment = LogScaleSegment {
             sums: ptr(&sums),

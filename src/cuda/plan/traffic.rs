@@ -6,19 +6,26 @@ use tch::Kind;
 use super::abi::dtype_suffix;
 use super::acc_kind;
 use super::launch::{group_launch, TraverseItem};
-use super::traversal::{traversal_grid, Traversal};
+use super::traversal::{traversal_grid, Traversal, TILE_PACKS_PER_THREAD};
 use crate::validate::{Geometry, Layout};
+
+/// Bytes the combine moves besides the partials and per-channel arrays: a split combine's
+/// run sums (written and read) and the f64 loss terms (written and read).
+fn combine_extra(t: &Traversal, channels: usize, acc: f64) -> f64 {
+    2.0 * t.run_slots(channels) as f64 * acc + 2.0 * 8.0 * channels as f64
+}
 
 /// Bytes a Mean/Sum forward and backward move, from the plan: inputs and outputs once,
 /// partial sums written and read once, per-channel arrays (sums, log_scale, channel
-/// table, log_scale gradient) once each.
+/// table, log_scale gradient) once each, and the combine's extra.
 pub(crate) fn traffic(g: &Geometry, kind: Kind) -> (f64, f64, Traversal) {
     let elt = kind.elt_size_in_bytes() as f64;
     let acc = acc_kind(kind).elt_size_in_bytes() as f64;
     let t = Traversal::plan(g, 16 / kind.elt_size_in_bytes(), Some(0)).unwrap();
     let (n, c) = (g.numel() as f64, g.channels as f64);
     let partials = t.slots(g.channels) as f64 * acc;
-    let forward = 2.0 * n * elt + 2.0 * partials + 2.0 * c * acc;
+    let forward =
+        2.0 * n * elt + 2.0 * partials + 2.0 * c * acc + combine_extra(&t, g.channels, acc);
     let backward = 3.0 * n * elt + 2.0 * c * acc + 2.0 * 2.0 * c * acc + c * acc;
     (forward, backward, t)
 }
@@ -46,8 +53,9 @@ fn traversal_grids_cover_two_to_four_waves() {
 const DEVICES: [u32; 5] = [46, 84, 108, 132, 170];
 
 /// The plan's bytes are within 3% of the floor (reading the inputs; backward also
-/// writing the gradient) from 16M elements on (10% for [4096, 1000]), every case has
-/// chunks for two waves of two blocks per SM on a 170-SM GPU, every modelled GPU gets a
+/// writing the gradient) from 16M elements on (10% for [4096, 1000]), every case from 32 MiB
+/// of each input has chunks for two waves of two blocks per SM on a 170-SM GPU, every
+/// thread walks at least TILE_PACKS_PER_THREAD packs per chunk, every modelled GPU gets a
 /// grid of 2-4 waves (all chunks when fewer), and only the grid depends on the GPU: the
 /// kernels' arguments, hence the partials, the bytes and the result's bits, do not.
 #[test]
@@ -111,9 +119,19 @@ fn traffic_is_near_the_bytes_floor_with_enough_blocks() {
             };
             assert!(f <= allowed && b <= allowed, "{report}");
             assert!(t.vectorized, "not in 16-byte packs\n{report}");
+            // Chunks hold the same bytes in every dtype: enough of them from 32 MiB of each
+            // input on (8M f32 elements).
             assert!(
-                t.blocks >= 2 * 2 * 170 || g.numel() < 1 << 23,
+                t.blocks >= 2 * 2 * 170 || floor < (32 << 20) as f64,
                 "too few blocks\n{report}"
+            );
+            // Enough loads per thread to spread a chunk's fixed costs (finding 5 of the SASS
+            // review: 4 bf16 packs per thread before).
+            let pack = 16 / kind.elt_size_in_bytes();
+            assert!(
+                t.packs_per_thread(pack) >= TILE_PACKS_PER_THREAD,
+                "{} packs per thread per chunk\n{report}",
+                t.packs_per_thread(pack)
             );
             let item = TraverseItem {
                 dtype: dtype_suffix(kind).unwrap(),
@@ -150,7 +168,10 @@ fn one_pass_step_bytes(g: &Geometry, kind: Kind, target_grad: bool) -> f64 {
     let (n, c) = (g.numel() as f64, g.channels as f64);
     let partials = t.slots(g.channels) as f64 * acc;
     let outputs = if target_grad { 2.0 } else { 1.0 };
-    let forward = (2.0 + outputs) * n * elt + 2.0 * partials + 5.0 * c * acc;
+    let forward = (2.0 + outputs) * n * elt
+        + 2.0 * partials
+        + 5.0 * c * acc
+        + combine_extra(&t, g.channels, acc);
     let backward = 2.0 * c * acc + 2.0 * 2.0 * c * acc + c * acc;
     forward + backward
 }

@@ -15,9 +15,12 @@ const WARPS_PER_BLOCK: u64 = BLOCK as u64 / 32;
 const WARP_MIN_ROW: usize = 512;
 /// Elements per warp segment (a multiple of every pack width).
 const WARP_SEGMENT: usize = 4096;
-/// Elements a tile chunk (a virtual block) aims to cover: 8M elements make 1024 chunks, two
-/// waves of two blocks per SM on a 170-SM GPU.
-const TILE_BLOCK_ELEMENTS: usize = 8 * 1024;
+/// 16-byte packs of each input a thread walks per tile chunk (a virtual block): 32 KiB of each
+/// input per chunk in every dtype, so that the chunk's fixed costs (finding its segment and
+/// channels, the partials' reduction tree) are spread over as many bytes whatever the element
+/// size. 32 MiB of each input make 1024 chunks, two waves of two blocks per SM on a 170-SM
+/// GPU.
+pub(crate) const TILE_PACKS_PER_THREAD: usize = 8;
 /// Rows of a tile chunk for 4-byte elements: each partial sum covers at least this many rows
 /// of its column, so an f32 partial is written and read once per 64 elements of each input
 /// (1.6% of the op's bytes).
@@ -26,6 +29,9 @@ const CHUNK_ROWS_F32: usize = 64;
 pub(crate) const BLOCKS_PER_SM: usize = 2;
 /// Waves of resident blocks a traversal grid covers at most (and at least 2 when it loops).
 const MAX_WAVES: usize = 4;
+/// Partials (per lane of a warp, for one channel) one block of the combine walks at most in
+/// a run of chunks: past this, the combine splits the chunks into runs summed in parallel.
+const COMBINE_RUN_LOADS: usize = 32;
 /// The largest grid.y.
 pub(crate) const MAX_GRID_Y: usize = 65_535;
 
@@ -148,15 +154,16 @@ impl Traversal {
         // 16-byte packs hold `pack` elements: 16-bit inputs take twice the rows per chunk,
         // so partials stay the same fraction of the bytes.
         let chunk_rows = CHUNK_ROWS_F32 * (pack / 4).max(1);
-        // Threads across the columns: about TILE_BLOCK_ELEMENTS per block over chunk_rows rows.
-        let wanted = (TILE_BLOCK_ELEMENTS / (chunk_rows * width))
+        let chunk_elements = BLOCK as usize * TILE_PACKS_PER_THREAD * pack;
+        // Threads across the columns: about chunk_elements per block over chunk_rows rows.
+        let wanted = (chunk_elements / (chunk_rows * width))
             .clamp(1, BLOCK as usize)
             .next_power_of_two();
         let tile_x = pack_cols.min(wanted);
         let tile_y = BLOCK as usize / tile_x;
         // Narrow views (a few packs per super-row) take more rows per chunk, so that a block
-        // still covers about TILE_BLOCK_ELEMENTS.
-        let rows_wanted = chunk_rows.max(TILE_BLOCK_ELEMENTS / row_len).max(tile_y);
+        // still covers about chunk_elements.
+        let rows_wanted = chunk_rows.max(chunk_elements / row_len).max(tile_y);
         let seg_len = rows_wanted.div_ceil(tile_y) * tile_y;
         let chunks = super_rows.div_ceil(seg_len);
         let col_tiles = pack_cols.div_ceil(tile_x);
@@ -177,6 +184,40 @@ impl Traversal {
             // Each chunk has a partial per column of a super-row: k per column of the view.
             inner: row_len / cols * channel_div,
         })
+    }
+
+    /// How the combine walks the partials: `(groups, chunks per group)`, `(1, outer)` in one
+    /// launch. The combine's warps split a run's chunks 8 ways (kernels/vid.cu:
+    /// channel_sums_across/_within), and each lane reads `ceil(inner / 32)` partials per
+    /// chunk when a chunk has several per channel: runs keep that at most
+    /// COMBINE_RUN_LOADS per lane. From the shape alone, as the partials are.
+    pub(crate) fn combine_runs(&self) -> (usize, usize) {
+        let per_chunk = if self.inner == 1 {
+            1
+        } else {
+            self.inner.div_ceil(32)
+        };
+        let run = (COMBINE_RUN_LOADS * WARPS_PER_BLOCK as usize / per_chunk).max(1);
+        let groups = self.outer.div_ceil(run).max(1);
+        (groups, self.outer.div_ceil(groups))
+    }
+
+    /// Slots of the split combine's run sums per sum (0 in one launch).
+    pub(crate) fn run_slots(&self, channels: usize) -> usize {
+        match self.combine_runs() {
+            (1, _) => 0,
+            (groups, _) => groups * channels,
+        }
+    }
+
+    /// 16-byte packs of each input a thread walks per chunk (for the tile traversal, rows of
+    /// its column tile; a warp segment is 32 lanes wide).
+    pub(crate) fn packs_per_thread(&self, pack: usize) -> usize {
+        if self.tile {
+            self.seg_len / (BLOCK as usize / self.tile_x)
+        } else {
+            self.seg_len / (32 * pack)
+        }
     }
 
     /// Partial slots per sum.
