@@ -212,6 +212,7 @@ impl Traversal {
 
     /// 16-byte packs of each input a thread walks per chunk (for the tile traversal, rows of
     /// its column tile; a warp segment is 32 lanes wide).
+    #[cfg(test)]
     pub(crate) fn packs_per_thread(&self, pack: usize) -> usize {
         if self.tile {
             self.seg_len / (BLOCK as usize / self.tile_x)
