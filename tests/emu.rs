@@ -380,17 +380,18 @@ fn emu_launch_failure_is_an_error_not_a_panic() {
 
 /// Partials with many chunks per channel: the combine sums runs of chunks in parallel in a
 /// first launch, then the runs' sums (and the loss terms, and the epilogue) in a second.
-/// Channels-last [1040, 16, 16, 16] has 520 (f32) or 260 (bf16) chunks of one partial per
-/// channel (runs of at most 256); NCHW [4224, 1, 240] has 66 or 33 chunks of 240 partials per
-/// channel (runs of at most 32). Mean and Sum forward (the loss terms, the epilogue) and None backward (two sums per
+/// Channels-last [1040, 64, 8, 8] has 520 (f32) or 260 (bf16) chunks of one partial per
+/// channel (runs of at most 256); NCHW [4224, 2, 240] has 66 or 33 chunks of 240 partials per
+/// channel (runs of at most 32). Both have several blocks in each launch, so the loss terms
+/// cross blocks to the epilogue. Mean and Sum forward (the loss terms, the epilogue) and None backward (two sums per
 /// channel, for the log_scale gradient) against the reference.
 #[test]
 fn emu_split_combine_matches_the_reference() {
     let launcher = Arc::new(EmuLauncher::default());
     let op = emulated(&launcher);
     for (shape, mem) in [
-        (vec![1040i64, 16, 16, 16], Mem::ChannelsLast),
-        (vec![4224, 1, 240], Mem::Contiguous),
+        (vec![1040i64, 64, 8, 8], Mem::ChannelsLast),
+        (vec![4224, 2, 240], Mem::Contiguous),
     ] {
         for kind in [Kind::Float, Kind::BFloat16] {
             for reduction in [Reduction::Mean, Reduction::None] {

@@ -11,8 +11,10 @@
 //! * [`Pass::Forward`] (no gradient written in the forward: grad mode off, no input needing
 //!   a gradient, or `VidOptions::gradients_in_forward(false)`): `vid_sumsq_group_<dtype>`
 //!   (reads mean and target, writes a partial sum per chunk and channel), then
-//!   `vid_channel_sum_group` (sums the partials per channel; its last block runs the loss
-//!   epilogue, O(C) FP64 work in ONE block);
+//!   `vid_channel_sum_group` (sums the partials per channel and computes each channel's
+//!   loss term in FP64; its last block adds the terms: the loss epilogue). When a channel
+//!   has many chunks, a first `vid_channel_sum_group` launch sums runs of them in parallel;
+//!   the second sums the runs;
 //! * [`Pass::Backward`] (after that forward): `vid_log_scale_grad_group` (O(C) FP64 work over
 //!   C/256 blocks: the log_scale gradient and the grad op's channel table), then
 //!   `vid_grad_group_<dtype>` (reads mean and target, writes the gradient of mean);
@@ -27,7 +29,7 @@
 //!
 //! ```text
 //! launch overhead + max(bytes / bandwidth, warp instructions / issue rate, FP64 ops / FP64 rate)
-//!                 + serial chain (dependent memory round trips, the single-block epilogue)
+//!                 + serial chain (dependent memory round trips, the last block's epilogue)
 //! ```
 //!
 //! and a pass is the sum of its launches (they are ordered on one stream). The fraction of
@@ -466,7 +468,7 @@ pub struct KernelTime {
     pub bytes: f64,
     /// Warp instructions issued.
     pub warp_instructions: f64,
-    /// FP64 operations (for the combine: its single-block epilogue's).
+    /// FP64 operations (for the combine: the loss terms and the epilogue's additions).
     pub fp64_ops: f64,
     /// The launch's fixed cost.
     pub launch_us: f64,
@@ -475,15 +477,15 @@ pub struct KernelTime {
     pub memory_us: f64,
     /// Warp instructions over the issue rate of the SMs the grid occupies.
     pub issue_us: f64,
-    /// FP64 operations over the FP64 rate of the SMs the grid occupies (0 for the combine,
-    /// whose FP64 work is in `epilogue_us`).
+    /// FP64 operations over the FP64 rate of the SMs the grid occupies (for the combine: the
+    /// loss terms; the epilogue's additions are in `epilogue_us`).
     pub fp64_us: f64,
     /// Dependent round trips no parallelism hides: a streaming pass's first loads and last
     /// stores, the combine's walk over the chunks, the last-block ticket.
     pub chain_us: f64,
-    /// The combine's last block computing every loss alone: the larger of its FP64 work on
-    /// one SM and its per-thread chain (one L2 round trip and the dependent FP64 operations
-    /// per channel).
+    /// The combine's last block adding every channel's loss term alone: the larger of its
+    /// additions on one SM's FP64 units and each thread's chain of dependent additions, plus
+    /// the block sum and the loss store.
     pub epilogue_us: f64,
 }
 
@@ -731,9 +733,9 @@ fn traversal_kernel(
     })
 }
 
-/// One FP64 channel loop's time for `channels` channels on one SM (the epilogue) or one
-/// thread per channel over `sms` SMs: the larger of the FP64 throughput and the dependent
-/// chain (`iterations` per thread, each an L2 round trip and the channel's dependent ops).
+/// The dependent chain of a thread computing `iterations` channels one after another (one
+/// for the O(C) kernels and the combine's loss terms: a thread per channel), each a load
+/// round trip of `latency_ns` and the channel's dependent FP64 operations.
 fn fp64_chain_us(gpu: &Gpu, ops_per_channel: f64, iterations: f64, latency_ns: f64) -> f64 {
     let chain_clocks = ops_per_channel * FP64_DEPENDENT_FRACTION * FP64_LATENCY_CLOCKS;
     iterations * (latency_ns * 1e-3 + chain_clocks / gpu.clocks_per_us())
@@ -1224,11 +1226,13 @@ fn describe_miss(gpu: &Gpu, case: &Case, time: &PassTime) -> String {
     for k in &time.kernels {
         if k.kernel == "vid_channel_sum_group" {
             parts.push(format!(
-                "combine walk {} us over {} blocks",
+                "combine chain {} us over {} blocks",
                 us(k.chain_us),
                 k.grid
             ));
-            parts.push(format!("single-block epilogue {} us", us(k.epilogue_us)));
+            if k.epilogue_us > 0.0 {
+                parts.push(format!("epilogue {} us", us(k.epilogue_us)));
+            }
         } else if k.kernel == "vid_log_scale_grad_group" {
             parts.push(format!(
                 "log_scale gradient {} us",
