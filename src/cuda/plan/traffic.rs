@@ -125,8 +125,8 @@ fn traffic_is_near_the_bytes_floor_with_enough_blocks() {
                 t.blocks >= 2 * 2 * 170 || floor < (32 << 20) as f64,
                 "too few blocks\n{report}"
             );
-            // Enough loads per thread to spread a chunk's fixed costs (finding 5 of the SASS
-            // review: 4 bf16 packs per thread before).
+            // Enough loads per thread to spread a chunk's fixed costs (bf16 chunks had 4 packs
+            // per thread, which a review of the SASS found too few).
             let pack = 16 / kind.elt_size_in_bytes();
             assert!(
                 t.packs_per_thread(pack) >= TILE_PACKS_PER_THREAD,
