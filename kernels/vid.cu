@@ -542,6 +542,9 @@ struct SumSegment {
     double weight;         // w_k in the total
 };
 
+// Every field 8 bytes: the layout of the Rust mirror (src/cuda/plan/abi.rs checks the same sizes).
+static_assert(sizeof(SumSegment) == 19 * 8, "SumSegment: 19 fields of 8 bytes");
+
 struct ChannelSumGroupArgs {
     long long count;
     long long epilogue;  // 1: the last block to finish computes the losses and the total
@@ -689,6 +692,9 @@ template <typename A> __device__ void channel_sums(const SumSegment &a, long lon
     // `blocks` a multiple of `groups`).
     const long long groups = a.groups > 1 ? a.groups : 1;
     const long long unit_blocks = blocks / groups;
+    if (unit_blocks == 0 || block >= unit_blocks * groups) {
+        return; // not a block of this segment's runs (uniform across the block)
+    }
     ChunkRun run;
     run.group = block / unit_blocks;
     run.begin = groups > 1 ? run.group * a.group_chunks : 0;

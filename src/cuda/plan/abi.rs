@@ -105,6 +105,9 @@ pub(super) struct SumSegment {
     pub(super) weight: f64,
 }
 
+// kernels/vid.cu static_asserts the same size for `vf::SumSegment`.
+const _: () = assert!(std::mem::size_of::<SumSegment>() == 19 * 8);
+
 /// Mirrors `vf::ChannelSumGroupArgs`.
 #[repr(C)]
 pub(super) struct ChannelSumGroupArgs {

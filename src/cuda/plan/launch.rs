@@ -87,6 +87,11 @@ pub(super) fn channel_sum_group<L: KernelLauncher + ?Sized>(
     run_sums: &[u64],
     epilogue: Option<(u64, u64, i64)>,
 ) -> Result<()> {
+    debug_assert_eq!(
+        segments.len(),
+        run_sums.len(),
+        "a run-sum piece per segment"
+    );
     let runs: Vec<SumSegment> = segments
         .iter()
         .zip(run_sums)
