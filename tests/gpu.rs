@@ -88,6 +88,20 @@ fn gpu_matches_reference_every_dtype_layout_reduction() {
     );
 }
 
+/// Shapes whose combine splits its chunks into runs (two launches; tests/emu.rs checks the
+/// split on the CPU): channels-last [1040, 64, 8, 8] (520 f32 chunks of one partial per
+/// channel) and NCHW [4224, 2, 240] (66 chunks of 240 partials per channel); each in both
+/// layouts, so the other layout's single-launch combine is compared on the same data sizes.
+#[test]
+fn gpu_split_combine_matches_reference() {
+    let Some(device) = gpu() else { return };
+    check_cases(
+        device,
+        &[vec![1040, 64, 8, 8], vec![4224, 2, 240]],
+        &[Kind::Float, Kind::BFloat16],
+    );
+}
+
 /// A small case for compute-sanitizer (memcheck, racecheck): both traversals, every reduction.
 #[test]
 fn gpu_sanitizer_small_case() {
