@@ -382,10 +382,17 @@ fn main() -> anyhow::Result<()> {
                 .copied()
                 .fold(sched.lr, f64::max);
             for a in Ablation::ALL {
+                let variant = a.apply(protocol, largest);
+                // A variant that changes nothing (the network's learning rate, or the largest
+                // candidate, when the selection chose it) would repeat the protocol's runs:
+                // the report says so instead.
+                if report::same_training(&variant, &protocol, sched.lr) {
+                    continue;
+                }
                 for seed in 0..seeds {
                     grid.push(Job {
                         phase: Phase::Ablation(a),
-                        spec: a.apply(protocol, largest),
+                        spec: variant,
                         m,
                         seed,
                     });

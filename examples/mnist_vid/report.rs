@@ -81,6 +81,31 @@ impl Ablation {
 
 const PROTOCOL: &str = "protocol (both blocks, chosen learning rate, reference init)";
 
+/// Whether two runs train identically: the same student, method, layers and init, and the
+/// same learning rate of the variance once `None` is read as the network's (`network_lr`).
+pub fn same_training(a: &RunSpec, b: &RunSpec, network_lr: f64) -> bool {
+    a.kind == b.kind
+        && a.method == b.method
+        && a.layers == b.layers
+        && a.vid_init == b.vid_init
+        && a.variance_lr.unwrap_or(network_lr) == b.variance_lr.unwrap_or(network_lr)
+}
+
+/// A CSV field: quoted (quotes doubled) when it holds a comma, a quote or a line break.
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_string()
+    }
+}
+
+/// One CSV record of `fields`, each quoted where needed, ending in a line break.
+fn csv_record(fields: &[String]) -> String {
+    let quoted: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+    quoted.join(",") + "\n"
+}
+
 pub struct RunRecord {
     pub phase: Phase,
     pub spec: RunSpec,
@@ -267,34 +292,33 @@ pub fn write_csvs(dir: &Path, records: &[RunRecord]) -> anyhow::Result<()> {
     );
     for r in records {
         let v: Vec<String> = r.final_variance.iter().map(|v| format!("{v:.5}")).collect();
-        writeln!(
-            runs,
-            "{},{},{},{},{},{},{},{:.2},{},{},{},{:.2}",
-            r.phase.name(),
-            r.spec.kind,
-            r.spec.method,
+        runs += &csv_record(&[
+            r.phase.name().to_string(),
+            r.spec.kind.to_string(),
+            r.spec.method.to_string(),
             if r.spec.method.uses_vid() {
-                variant(r.phase)
+                variant(r.phase).to_string()
             } else {
-                ""
+                String::new()
             },
-            r.samples_per_class,
-            r.seed,
+            r.samples_per_class.to_string(),
+            r.seed.to_string(),
             if r.phase == Phase::Selection {
                 "validation"
             } else {
                 "test"
-            },
-            100.0 * r.accuracy,
+            }
+            .to_string(),
+            format!("{:.2}", 100.0 * r.accuracy),
             r.spec
                 .variance_lr
                 .filter(|_| r.spec.method.uses_vid())
                 .map(|lr| lr.to_string())
                 .unwrap_or_default(),
             v.join(";"),
-            r.steps,
-            r.seconds
-        )?;
+            r.steps.to_string(),
+            format!("{:.2}", r.seconds),
+        ]);
         for (layer, t) in r.traces.iter().enumerate() {
             let (kind, m) = (r.spec.kind, r.samples_per_class);
             for &(step, v) in &t.mean_over_steps {
@@ -647,6 +671,8 @@ pub fn markdown(
                     (Some(x), None) => {
                         let _ = write!(s, " {} |", fmt_ci(x, false));
                     }
+                    // Not run: the variant trains exactly as the protocol there.
+                    _ if v != PROTOCOL => s.push_str(" = protocol |"),
                     _ => s.push_str(" n/a |"),
                 }
             }
