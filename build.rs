@@ -59,9 +59,7 @@ fn main() {
         ),
     }
     let nccl_include = lib_dir.join("../../nvidia/nccl/include");
-    if shim_cuda
-        && nccl_include.join("nccl.h").exists()
-        && cuda_include.join("nv/target").exists()
+    if shim_cuda && nccl_include.join("nccl.h").exists() && cuda_include.join("nv/target").exists()
     {
         dist.include(&cuda_include)
             .include(&nccl_include)

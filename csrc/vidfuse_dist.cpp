@@ -13,6 +13,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
+#include <torch/csrc/distributed/c10d/logger.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef VIDFUSE_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -39,7 +40,10 @@ struct vf_dist_group {
 };
 
 struct vf_dist_reducer {
-    std::unique_ptr<c10d::Reducer> reducer;
+    std::shared_ptr<c10d::Reducer> reducer;
+    // DDP's logger: the Reducer reports through it (searching for unused parameters
+    // dereferences it), as torch.nn.parallel.DistributedDataParallel sets it up.
+    std::shared_ptr<c10d::Logger> logger;
     std::vector<int64_t> bucket_of;
     size_t n_buckets = 0;
 };
@@ -255,12 +259,14 @@ char *vf_dist_reducer_new(vf_dist_group *group, vf_tensor *const *params, size_t
             }
         }
         r->n_buckets = buckets.size();
-        r->reducer = std::make_unique<c10d::Reducer>(
+        r->reducer = std::make_shared<c10d::Reducer>(
             list, std::move(buckets), group->group, std::vector<bool>(list.size(), false),
             bucket_bytes, find_unused != 0, /*gradient_as_bucket_view=*/false,
             std::unordered_map<size_t, std::string>{}, first_bucket_bytes,
             /*skip_all_reduce_unused_params=*/false, /*use_python_reducer=*/false,
             std::move(caps));
+        r->logger = std::make_shared<c10d::Logger>(r->reducer);
+        r->reducer->set_logger(r->logger);
         *out = r.release();
     });
 }
@@ -298,12 +304,10 @@ void vf_dist_reducer_free(vf_dist_reducer *reducer) {
     if (reducer == nullptr) {
         return;
     }
-    // ~Reducer may throw (noexcept(false)); unique_ptr's reset would terminate instead.
-    c10d::Reducer *raw = reducer->reducer.release();
-    try {
-        delete raw;
-    } catch (...) {
-    }
+    // The logger holds the reducer: the logger goes first. (~Logger and ~Reducer are
+    // noexcept(false), but throw only on a failed internal assertion of libtorch's.)
+    reducer->logger.reset();
+    reducer->reducer.reset();
     delete reducer;
 }
 

@@ -191,7 +191,10 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("rank {rank}: step {step}"))?;
         opt.step();
         last_loss = loss.detach();
-        println!("step {step} rank={rank} local_loss={:.6}", last_loss.double_value(&[]));
+        println!(
+            "step {step} rank={rank} local_loss={:.6}",
+            last_loss.double_value(&[])
+        );
     }
     let elapsed = start.elapsed();
 
@@ -201,7 +204,11 @@ fn main() -> anyhow::Result<()> {
     let mut hash = Sha256::new();
     for p in &params {
         let p = p.to_device(Device::Cpu).contiguous();
-        norm2 += p.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+        norm2 += p
+            .to_kind(Kind::Double)
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[]);
         let n = p.numel();
         let mut bytes = vec![0f32; n];
         p.f_copy_data(&mut bytes, n)?;

@@ -164,9 +164,8 @@ fn launch_environment_is_parsed_and_errors_name_the_variable() {
         vars.push((k, v));
         vars
     };
-    let without = |k: &str| -> Vec<(&str, &str)> {
-        good.iter().filter(|(n, _)| *n != k).copied().collect()
-    };
+    let without =
+        |k: &str| -> Vec<(&str, &str)> { good.iter().filter(|(n, _)| *n != k).copied().collect() };
     for (vars, var, needle) in [
         (with("RANK", "4"), "RANK", "not below WORLD_SIZE"),
         (with("RANK", "-1"), "RANK", "\"-1\""),
@@ -183,12 +182,18 @@ fn launch_environment_is_parsed_and_errors_name_the_variable() {
     ] {
         let (got, message) = bad_var(&vars);
         assert_eq!(got, var, "{vars:?}: {message}");
-        assert!(message.contains(needle), "{vars:?}: {message:?} lacks {needle:?}");
+        assert!(
+            message.contains(needle),
+            "{vars:?}: {message:?} lacks {needle:?}"
+        );
         let shown = VidError::Environment { var: got, message }.to_string();
         assert!(shown.contains(var), "{shown}");
     }
     // LOCAL_RANK defaults to RANK (a launcher that does not set it).
-    assert_eq!(parse(&without("LOCAL_RANK")).unwrap().unwrap().local_rank, 1);
+    assert_eq!(
+        parse(&without("LOCAL_RANK")).unwrap().unwrap().local_rank,
+        1
+    );
 }
 
 #[test]
@@ -199,7 +204,11 @@ fn shards_split_the_global_batch_in_rank_order() {
     for (len, world) in [(64, 2), (64, 1), (10, 3), (2, 4), (0, 2), (7, 7)] {
         let parts: Vec<_> = (0..world).map(|r| shard_range(len, r, world)).collect();
         let joined: Vec<usize> = parts.iter().flat_map(|r| r.clone()).collect();
-        assert_eq!(joined, (0..len).collect::<Vec<_>>(), "len {len} world {world}");
+        assert_eq!(
+            joined,
+            (0..len).collect::<Vec<_>>(),
+            "len {len} world {world}"
+        );
         let (min, max) = (
             parts.iter().map(|r| r.len()).min().unwrap(),
             parts.iter().map(|r| r.len()).max().unwrap(),
@@ -213,7 +222,11 @@ fn shards_split_the_global_batch_in_rank_order() {
     let mut t = Tensor::from_slice(&[2.0f32]);
     alone.all_reduce(&mut t, ReduceOp::Sum).unwrap();
     alone.barrier().unwrap();
-    assert_eq!(t.double_value(&[0]), 2.0, "alone, collectives leave tensors as they are");
+    assert_eq!(
+        t.double_value(&[0]),
+        2.0,
+        "alone, collectives leave tensors as they are"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -242,16 +255,26 @@ fn collectives_two_ranks() {
             ReduceOp::Min => (&base * w).where_self(&base.lt(0.0), &expect),
             ReduceOp::Sum => expect,
         };
-        assert_eq!(Vec::<f64>::try_from(&t).unwrap(), Vec::<f64>::try_from(&expect).unwrap(), "{op:?}");
+        assert_eq!(
+            Vec::<f64>::try_from(&t).unwrap(),
+            Vec::<f64>::try_from(&expect).unwrap(),
+            "{op:?}"
+        );
     }
     let mean = dist.all_reduce_mean(&Tensor::from(r as f32)).unwrap();
     assert_eq!(mean.double_value(&[]), 0.5);
-    let tensors = [Tensor::full([4], r, (Kind::Float, Device::Cpu)), Tensor::from(10.0 * r)];
+    let tensors = [
+        Tensor::full([4], r, (Kind::Float, Device::Cpu)),
+        Tensor::from(10.0 * r),
+    ];
     dist.broadcast(&tensors, 1).unwrap();
     assert_eq!(tensors[0].sum(Kind::Double).double_value(&[]), 4.0);
     assert_eq!(tensors[1].double_value(&[]), 10.0);
     dist.barrier().unwrap();
-    assert_eq!(dist.shard(&(0..64).collect::<Vec<i32>>())[0], 32 * dist.rank() as i32);
+    assert_eq!(
+        dist.shard(&(0..64).collect::<Vec<i32>>())[0],
+        32 * dist.rank() as i32
+    );
 }
 
 /// Two linear layers; the second is used only where `use_extra` (unused parameters).
@@ -308,13 +331,20 @@ fn gradients_are_averaged_over_two_ranks() {
     let ddp = dist.data_parallel(&vs).unwrap();
     let (buckets, n_buckets) = ddp.buckets().unwrap();
     assert_eq!(buckets.len(), 5);
-    assert!(n_buckets >= 2, "small caps give several buckets: {buckets:?}");
+    assert!(
+        n_buckets >= 2,
+        "small caps give several buckets: {buckets:?}"
+    );
 
     // The reference: the same initial parameters (rank 0's seed), both ranks' batches.
     tch::manual_seed(100);
     let ref_vs = nn::VarStore::new(Device::Cpu);
     let ref_model = net(&ref_vs);
-    for (p, q) in vs.trainable_variables().iter().zip(ref_vs.trainable_variables()) {
+    for (p, q) in vs
+        .trainable_variables()
+        .iter()
+        .zip(ref_vs.trainable_variables())
+    {
         assert_eq!(p, &q, "initial parameters are rank 0's");
     }
     tch::manual_seed(7);
@@ -398,23 +428,44 @@ fn a_rank_that_never_arrives_is_an_error_within_the_timeout() {
         // Rank 0 of 2 alone: it serves the store and waits for a peer that never comes.
         let port = free_port();
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["a_rank_that_never_arrives_is_an_error_within_the_timeout", "--exact", "--nocapture"])
-            .env(WORKER, "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "a_rank_that_never_arrives_is_an_error_within_the_timeout",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(WORKER, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         rank_env(&mut cmd, 0, 2, port);
         let (out, elapsed) = wait_limited(cmd.spawn().unwrap(), Duration::from_secs(60));
-        assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
         assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
         return;
     }
     let start = Instant::now();
-    let err = Dist::init(Device::Cpu, &DistOptions::default().timeout(Duration::from_secs(3)))
-        .expect_err("a world of 2 with one rank");
+    let err = Dist::init(
+        Device::Cpu,
+        &DistOptions::default().timeout(Duration::from_secs(3)),
+    )
+    .expect_err("a world of 2 with one rank");
     let elapsed = start.elapsed();
     let message = err.to_string();
     println!("{message}");
-    assert!(matches!(err, VidError::Distributed { op: "rendezvous", .. }), "{message}");
+    assert!(
+        matches!(
+            err,
+            VidError::Distributed {
+                op: "rendezvous",
+                ..
+            }
+        ),
+        "{message}"
+    );
     assert!(message.contains("rank 0 of 2"), "{message}");
     assert!(
         elapsed >= Duration::from_millis(2500) && elapsed < Duration::from_secs(20),
@@ -436,7 +487,9 @@ fn example() -> PathBuf {
     if release {
         cmd.arg("--release");
     }
-    let status = cmd.status().expect("running cargo build --example ddp_distill");
+    let status = cmd
+        .status()
+        .expect("running cargo build --example ddp_distill");
     assert!(status.success(), "cargo build --example ddp_distill failed");
     profile_dir.join("examples/ddp_distill")
 }
@@ -520,7 +573,12 @@ fn two_ranks_under_torchrun_match_one_process() {
         .spawn()
         .unwrap();
     let (pair, _) = wait_limited(pair, Duration::from_secs(180));
-    assert!(pair.status.success(), "{}\n{}", text(&pair.stdout), text(&pair.stderr));
+    assert!(
+        pair.status.success(),
+        "{}\n{}",
+        text(&pair.stdout),
+        text(&pair.stderr)
+    );
     let mut two = finals(&text(&pair.stdout));
     two.sort_by_key(|f| f.rank);
     assert_eq!(two.len(), 2, "{}", text(&pair.stdout));
@@ -528,11 +586,24 @@ fn two_ranks_under_torchrun_match_one_process() {
     for (r, f) in two.iter().enumerate() {
         assert_eq!((f.rank, f.world, f.step), (r, 2, 20));
     }
-    assert_eq!(two[0].sha, two[1].sha, "parameters differ between the ranks");
+    assert_eq!(
+        two[0].sha, two[1].sha,
+        "parameters differ between the ranks"
+    );
     assert_eq!((two[0].norm, two[0].loss), (two[1].norm, two[1].loss));
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
-    assert!(rel(two[0].norm, one.norm) < 1e-5, "norm {} vs {}", two[0].norm, one.norm);
-    assert!(rel(two[0].loss, one.loss) < 1e-5, "loss {} vs {}", two[0].loss, one.loss);
+    assert!(
+        rel(two[0].norm, one.norm) < 1e-5,
+        "norm {} vs {}",
+        two[0].norm,
+        one.norm
+    );
+    assert!(
+        rel(two[0].loss, one.loss) < 1e-5,
+        "loss {} vs {}",
+        two[0].loss,
+        one.loss
+    );
     // Training moved the parameters (a broken reduction would still make ranks agree).
     assert!(one.loss.is_finite() && one.norm > 0.0);
 }
@@ -547,10 +618,17 @@ fn a_killed_rank_gives_the_survivor_an_error_within_the_timeout() {
     let timeout = 15;
     let spawn = |rank: usize| {
         let mut cmd = Command::new(&bin);
-        cmd.args(["--steps", "1000000", "--batch-per-rank", "8", "--teacher-steps", "0"])
-            .args(["--device", "cpu", "--timeout-secs", &timeout.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "--steps",
+            "1000000",
+            "--batch-per-rank",
+            "8",
+            "--teacher-steps",
+            "0",
+        ])
+        .args(["--device", "cpu", "--timeout-secs", &timeout.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         rank_env(&mut cmd, rank, 2, port);
         cmd.spawn().unwrap()
     };
@@ -578,7 +656,10 @@ fn a_killed_rank_gives_the_survivor_an_error_within_the_timeout() {
     println!("survivor, {after_kill:?} after the kill:\n{stderr}");
     assert!(!out.status.success(), "the survivor went on: {stderr}");
     assert!(stderr.contains("distributed error"), "{stderr}");
-    assert!(after_kill < Duration::from_secs(timeout + 10), "{after_kill:?}");
+    assert!(
+        after_kill < Duration::from_secs(timeout + 10),
+        "{after_kill:?}"
+    );
 }
 
 #[test]
@@ -587,7 +668,11 @@ fn the_example_reports_a_bad_environment() {
         return;
     }
     let bin = example();
-    for (rank, world, port, var) in [("2", "2", "29500", "RANK"), ("0", "x", "29500", "WORLD_SIZE"), ("0", "2", "70000", "MASTER_PORT")] {
+    for (rank, world, port, var) in [
+        ("2", "2", "29500", "RANK"),
+        ("0", "x", "29500", "WORLD_SIZE"),
+        ("0", "2", "70000", "MASTER_PORT"),
+    ] {
         let out = Command::new(&bin)
             .args(["--steps", "1"])
             .env("RANK", rank)

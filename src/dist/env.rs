@@ -24,7 +24,13 @@ pub struct LaunchEnv {
 }
 
 /// The launch variables this module reads.
-pub const LAUNCH_VARS: [&str; 5] = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"];
+pub const LAUNCH_VARS: [&str; 5] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
 
 impl LaunchEnv {
     /// Reads the process environment. `Ok(None)` when none of `RANK`, `WORLD_SIZE`,
@@ -39,7 +45,10 @@ impl LaunchEnv {
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<LaunchEnv>, VidError> {
-        if ["RANK", "WORLD_SIZE", "LOCAL_RANK"].iter().all(|v| lookup(v).is_none()) {
+        if ["RANK", "WORLD_SIZE", "LOCAL_RANK"]
+            .iter()
+            .all(|v| lookup(v).is_none())
+        {
             return Ok(None);
         }
         let bad = |var: &'static str, message: String| VidError::Environment { var, message };

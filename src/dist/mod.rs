@@ -225,12 +225,11 @@ impl Dist {
             Device::Cuda(i) => i as i32,
             _ => -1,
         };
-        let host = std::ffi::CString::new(env.master_addr.clone()).map_err(|_| {
-            VidError::Environment {
+        let host =
+            std::ffi::CString::new(env.master_addr.clone()).map_err(|_| VidError::Environment {
                 var: "MASTER_ADDR",
                 message: "contains a NUL byte".into(),
-            }
-        })?;
+            })?;
         let timeout_ms = i64::try_from(options.timeout.as_millis())
             .unwrap_or(i64::MAX)
             .max(1);
@@ -262,9 +261,9 @@ impl Dist {
             },
             other => other,
         })?;
-        let group = NonNull::new(raw).map(Group).ok_or_else(|| {
-            VidError::Internal("the process group was not created".into())
-        })?;
+        let group = NonNull::new(raw)
+            .map(Group)
+            .ok_or_else(|| VidError::Internal("the process group was not created".into()))?;
         Ok(Dist {
             group: Some(group),
             rank: env.rank,
@@ -328,7 +327,9 @@ impl Dist {
             ReduceOp::Min => 2,
         };
         // SAFETY: live group and tensor; the shim catches every exception.
-        check("all_reduce", unsafe { ffi::vf_dist_all_reduce(group, ptr(tensor), code) })
+        check("all_reduce", unsafe {
+            ffi::vf_dist_all_reduce(group, ptr(tensor), code)
+        })
     }
 
     /// The mean of `tensor` over all ranks, as a new tensor (float dtypes): for metrics such
@@ -501,7 +502,9 @@ impl<'a> DataParallel<'a> {
     pub fn backward(&self, loss: &Tensor) -> Result<(), VidError> {
         if let Some(r) = self.reducer {
             // SAFETY: live reducer; the shim catches every exception.
-            check("backward", unsafe { ffi::vf_dist_reducer_prepare_forward(r.as_ptr()) })?;
+            check("backward", unsafe {
+                ffi::vf_dist_reducer_prepare_forward(r.as_ptr())
+            })?;
             let outputs: Vec<*mut vf_tensor> = if self.dist.options.find_unused_parameters {
                 vec![ptr(loss)]
             } else {
