@@ -277,20 +277,21 @@ fn collectives_two_ranks() {
     );
 }
 
-/// Two linear layers; the second is used only where `use_extra` (unused parameters).
+/// Two linear layers; the second is used only where `use_extra` (unused parameters). The
+/// store also holds a variable that no step uses.
 struct Net {
     a: nn::Linear,
     extra: nn::Linear,
-    spare: Tensor,
 }
 
 fn net(vs: &nn::VarStore) -> Net {
     let root = vs.root();
-    Net {
+    let net = Net {
         a: nn::linear(&root / "a", 6, 3, Default::default()),
         extra: nn::linear(&root / "extra", 3, 3, Default::default()),
-        spare: root.zeros("spare", &[5]),
-    }
+    };
+    let _spare = root.zeros("spare", &[5]);
+    net
 }
 
 fn net_loss(net: &Net, x: &Tensor, use_extra: bool) -> Tensor {
