@@ -50,15 +50,20 @@ fn main() {
         .find(|dir| dir.join("gloo/context.h").exists());
     match &gloo_include {
         Some(dir) => {
+            println!("cargo:rerun-if-changed={}", dir.join("gloo").display());
             dist.include(dir)
                 .define("USE_C10D_GLOO", None)
                 .define("VIDFUSE_WITH_GLOO", None);
         }
         None => println!(
-            "cargo:warning=gloo headers not found (install libgloo-dev or set VIDFUSE_GLOO_INCLUDE): vidfuse::dist has no Gloo backend"
+            "cargo:warning=gloo headers not found (install libgloo-dev or set VIDFUSE_GLOO_INCLUDE, then `cargo clean -p vidfuse`): vidfuse::dist has no Gloo backend"
         ),
     }
     let nccl_include = lib_dir.join("../../nvidia/nccl/include");
+    if shim_cuda {
+        // Installing CCCL's headers there (scripts/setup.sh) turns the NCCL backend on.
+        println!("cargo:rerun-if-changed={}", cuda_include.display());
+    }
     if shim_cuda && nccl_include.join("nccl.h").exists() && cuda_include.join("nv/target").exists()
     {
         dist.include(&cuda_include)

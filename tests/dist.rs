@@ -477,15 +477,32 @@ fn a_rank_that_never_arrives_is_an_error_within_the_timeout() {
 // ---------------------------------------------------------------------------------------
 // The example, alone, under torchrun, and with a rank killed
 
-/// examples/ddp_distill, built by this test's cargo in this test's profile.
+/// examples/ddp_distill, built by the cargo running this test, with the same target folder,
+/// target triple (if one was given), profile and flags, so that nothing else is rebuilt.
 fn example() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
+    // <target dir>/[<triple>/]<profile>/deps/<this test>
     let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let above = profile_dir.parent().unwrap();
+    let (target_dir, triple) = if above.join("CACHEDIR.TAG").exists() {
+        (above.to_path_buf(), None)
+    } else {
+        (above.parent().unwrap().to_path_buf(), above.file_name())
+    };
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "--example", "ddp_distill"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if release {
+    cmd.args([
+        "build",
+        "--quiet",
+        "--example",
+        "ddp_distill",
+        "--target-dir",
+    ])
+    .arg(&target_dir)
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if let Some(triple) = triple {
+        cmd.arg("--target").arg(triple);
+    }
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
     let status = cmd
@@ -686,5 +703,37 @@ fn the_example_reports_a_bad_environment() {
         let stderr = text(&out.stderr);
         assert!(!out.status.success());
         assert!(stderr.contains(&format!("`{var}`")), "{var}: {stderr}");
+    }
+}
+
+#[test]
+fn nccl_without_a_gpu_is_a_clear_error() {
+    if tch::Cuda::is_available() || is_worker() {
+        return; // the GPU script runs the NCCL path for real
+    }
+    let env = LaunchEnv {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+        agent_store: false,
+    };
+    let options = DistOptions::default().timeout(Duration::from_secs(10));
+    let err = Dist::with_env(Some(env), Device::Cuda(0), &options).expect_err("no GPU here");
+    let message = err.to_string();
+    println!("NCCL built: {}; {message}", Backend::Nccl.is_built());
+    assert!(
+        matches!(
+            err,
+            VidError::Distributed {
+                op: "rendezvous",
+                ..
+            }
+        ),
+        "{message}"
+    );
+    if !Backend::Nccl.is_built() {
+        assert!(message.contains("built without NCCL"), "{message}");
     }
 }
