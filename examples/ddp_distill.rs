@@ -21,7 +21,10 @@
 //!
 //! Options: `--steps N` (20), `--batch-per-rank B` (32), `--lr` (0.05), `--teacher-steps`
 //! (50), `--timeout-secs` (300), `--device cpu|cuda` (CUDA device LOCAL_RANK when available),
-//! `--data PATH` (data/mnist_5k.csv.gz), `--find-unused` (DDP's find_unused_parameters).
+//! `--data PATH` (data/mnist_5k.csv.gz), `--find-unused` (DDP's find_unused_parameters),
+//! `--width W` (the student's hidden layers W times wider), `--bench N` (after training, N
+//! timed backward passes with and without the gradient reduction, and of the all-reduce
+//! alone: one `bench:` line per rank).
 #[allow(dead_code)]
 #[path = "mnist_vid/data.rs"]
 mod data;
@@ -33,7 +36,7 @@ use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use vidfuse::dist::{Dist, DistOptions, LaunchEnv};
+use vidfuse::dist::{Dist, DistOptions, LaunchEnv, ReduceOp};
 use vidfuse::nn::{VidDistiller, VidLoss};
 
 use data::{Dataset, Rng};
@@ -47,6 +50,8 @@ struct Args {
     device: Option<String>,
     data: PathBuf,
     find_unused: bool,
+    width: i64,
+    bench: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -59,6 +64,8 @@ fn parse_args() -> anyhow::Result<Args> {
         device: None,
         data: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist_5k.csv.gz")),
         find_unused: false,
+        width: 1,
+        bench: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +82,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--timeout-secs" => args.timeout = Duration::from_secs(num(&value)? as u64),
             "--lr" => args.lr = value.parse().with_context(|| format!("--lr {value:?}"))?,
             "--device" => args.device = Some(value),
+            "--width" => args.width = num(&value)?.max(1) as i64,
+            "--bench" => args.bench = num(&value)?,
             "--data" => args.data = PathBuf::from(value),
             _ => bail!("unknown argument {flag}"),
         }
@@ -169,11 +178,18 @@ fn main() -> anyhow::Result<()> {
     // The student and the VID pairs (regressors and variances): all data-parallel.
     tch::manual_seed(1);
     let vs = nn::VarStore::new(device);
-    let student = Mlp::new(&vs.root() / "student", &[784, 64, 32, 10]);
+    let hidden = [64 * args.width, 32 * args.width];
+    let student = Mlp::new(&vs.root() / "student", &[784, hidden[0], hidden[1], 10]);
     let mut vid = VidDistiller::empty();
     let cfg = Default::default();
-    vid.f_push(VidLoss::f_linear(&vs.root() / "vid0", 64, 256, cfg)?, 1.0)?;
-    vid.f_push(VidLoss::f_linear(&vs.root() / "vid1", 32, 128, cfg)?, 1.0)?;
+    vid.f_push(
+        VidLoss::f_linear(&vs.root() / "vid0", hidden[0], 256, cfg)?,
+        1.0,
+    )?;
+    vid.f_push(
+        VidLoss::f_linear(&vs.root() / "vid1", hidden[1], 128, cfg)?,
+        1.0,
+    )?;
     let ddp = dist.data_parallel(&vs)?;
     let mut opt = nn::Sgd::default().build(&vs, args.lr)?;
 
@@ -215,6 +231,55 @@ fn main() -> anyhow::Result<()> {
         for v in bytes {
             hash.update(v.to_le_bytes());
         }
+    }
+    if args.bench > 0 {
+        // The same step's backward with the reduction (ddp), without it (plain autograd; the
+        // ranks' gradients then differ, which timing does not mind), and the all-reduce of
+        // all gradients alone: the reduction's cost that backward did not hide is
+        // ddp - plain, out of allreduce.
+        let batch = global_batch(pool, global, 0);
+        let idx = Tensor::from_slice(dist.shard(&batch)).to_device(device);
+        let (x, y) = (images.index_select(0, &idx), labels.index_select(0, &idx));
+        let (teacher_hidden, _) = tch::no_grad(|| teacher.forward(&x));
+        let step_loss = || -> anyhow::Result<Tensor> {
+            let (hidden, logits) = student.forward(&x);
+            Ok(logits.cross_entropy_for_logits(&y) + vid.f_forward(&hidden, &teacher_hidden)?)
+        };
+        let flat = Tensor::cat(
+            &params
+                .iter()
+                .map(|p| p.grad().flatten(0, -1))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        // Seconds in: backward with the reduction, plain backward, the all-reduce alone.
+        let mut spent = [0.0f64; 3];
+        for _ in 0..args.bench {
+            for which in 0..3 {
+                let loss = step_loss()?;
+                opt.zero_grad();
+                dist.barrier()?;
+                let t = Instant::now();
+                match which {
+                    0 => ddp.backward(&loss)?,
+                    1 => loss.f_backward()?,
+                    _ => dist.all_reduce(&mut flat.shallow_clone(), ReduceOp::Sum)?,
+                }
+                spent[which] += t.elapsed().as_secs_f64();
+            }
+        }
+        let n = args.bench as f64 / 1e3;
+        let [ddp_ms, plain_ms, reduce_ms] = spent.map(|s| s / n);
+        let hidden = if dist.is_distributed() {
+            format!("{:.2}", 1.0 - (ddp_ms - plain_ms) / reduce_ms)
+        } else {
+            "n/a".into()
+        };
+        println!(
+            "bench: rank={rank} world={world} grad_bytes={} buckets={} backward_plain_ms={plain_ms:.3} backward_ddp_ms={ddp_ms:.3} allreduce_ms={reduce_ms:.3} hidden_share={hidden}",
+            flat.numel() * 4,
+            ddp.buckets()?.1,
+        );
     }
     dist.barrier()?;
     eprintln!(
