@@ -707,6 +707,47 @@ fn the_example_reports_a_bad_environment() {
 }
 
 #[test]
+fn a_world_of_one_is_a_real_group() {
+    if is_worker() {
+        return;
+    }
+    // torchrun --nproc-per-node 1: a Gloo group of one, the rank serving its own store.
+    let env = LaunchEnv {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+        agent_store: false,
+    };
+    let options = DistOptions::default()
+        .timeout(Duration::from_secs(30))
+        .find_unused_parameters(true); // the store's spare variable gets no gradient
+    let dist = Dist::with_env(Some(env), Device::Cpu, &options).unwrap();
+    assert!(dist.is_distributed());
+    let mut t = Tensor::from_slice(&[1.5f32, -2.0]);
+    dist.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.5, -2.0]);
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = net(&vs);
+    let x = Tensor::randn([4, 6], (Kind::Float, Device::Cpu));
+    net_loss(&model, &x, true).backward();
+    let want = grads(&vs);
+    for p in vs.trainable_variables() {
+        p.grad().defined().then(|| p.grad().zero_());
+    }
+    let ddp = dist.data_parallel(&vs).unwrap();
+    ddp.backward(&net_loss(&model, &x, true)).unwrap();
+    for (g, w) in grads(&vs).iter().zip(&want) {
+        assert_eq!(g.is_some(), w.is_some());
+        if let (Some(g), Some(w)) = (g, w) {
+            assert!(g.equal(w), "a world of one averages nothing");
+        }
+    }
+}
+
+#[test]
 fn nccl_without_a_gpu_is_a_clear_error() {
     if tch::Cuda::is_available() || is_worker() {
         return; // the GPU script runs the NCCL path for real

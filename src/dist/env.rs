@@ -23,15 +23,6 @@ pub struct LaunchEnv {
     pub agent_store: bool,
 }
 
-/// The launch variables this module reads.
-pub const LAUNCH_VARS: [&str; 5] = [
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-];
-
 impl LaunchEnv {
     /// Reads the process environment. `Ok(None)` when none of `RANK`, `WORLD_SIZE`,
     /// `LOCAL_RANK` is set (a plain, single-process run); an error naming the variable when

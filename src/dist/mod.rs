@@ -66,7 +66,7 @@ use crate::autograd::take_error;
 use crate::error::VidError;
 use crate::ffi::vf_tensor;
 
-pub use env::{LaunchEnv, LAUNCH_VARS};
+pub use env::LaunchEnv;
 
 /// Which c10d backend carries the collectives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
