@@ -255,7 +255,7 @@ fn main() -> anyhow::Result<()> {
         // Seconds in: backward with the reduction, plain backward, the all-reduce alone.
         let mut spent = [0.0f64; 3];
         for _ in 0..args.bench {
-            for which in 0..3 {
+            for (which, seconds) in spent.iter_mut().enumerate() {
                 let loss = step_loss()?;
                 opt.zero_grad();
                 dist.barrier()?;
@@ -265,7 +265,7 @@ fn main() -> anyhow::Result<()> {
                     1 => loss.f_backward()?,
                     _ => dist.all_reduce(&mut flat.shallow_clone(), ReduceOp::Sum)?,
                 }
-                spent[which] += t.elapsed().as_secs_f64();
+                *seconds += t.elapsed().as_secs_f64();
             }
         }
         let n = args.bench as f64 / 1e3;

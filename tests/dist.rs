@@ -481,24 +481,40 @@ fn a_rank_that_never_arrives_is_an_error_within_the_timeout() {
 /// target triple (if one was given), profile and flags, so that nothing else is rebuilt.
 fn example() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
+    // The rustc next to this cargo (its toolchain's: with rustup, a bare `rustc` would be
+    // the default toolchain's, not the one of `cargo +nightly`).
+    let rustc = Path::new(env!("CARGO")).with_file_name("rustc");
+    let rustc = if rustc.exists() {
+        rustc
+    } else {
+        PathBuf::from("rustc")
+    };
     // <target dir>/[<triple>/]<profile>/deps/<this test>
     let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
     let above = profile_dir.parent().unwrap();
-    let (target_dir, triple) = if above.join("CACHEDIR.TAG").exists() {
-        (above.to_path_buf(), None)
+    let triples = Command::new(&rustc)
+        .args(["--print", "target-list"])
+        .output()
+        .map(|o| text(&o.stdout))
+        .unwrap_or_default();
+    let name = above.file_name().unwrap().to_string_lossy().into_owned();
+    let triple = triples.lines().any(|t| t == name).then_some(name);
+    let target_dir = if triple.is_some() {
+        above.parent().unwrap()
     } else {
-        (above.parent().unwrap().to_path_buf(), above.file_name())
+        above
     };
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args([
-        "build",
-        "--quiet",
-        "--example",
-        "ddp_distill",
-        "--target-dir",
-    ])
-    .arg(&target_dir)
-    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.env("RUSTC", &rustc)
+        .args([
+            "build",
+            "--quiet",
+            "--example",
+            "ddp_distill",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
     if let Some(triple) = triple {
         cmd.arg("--target").arg(triple);
     }
