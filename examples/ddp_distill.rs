@@ -282,7 +282,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     dist.barrier()?;
-    eprintln!(
+    println!(
         "timing: rank={rank} world={world} steps={} mean_step_ms={:.3}",
         args.steps,
         elapsed.as_secs_f64() * 1e3 / args.steps.max(1) as f64

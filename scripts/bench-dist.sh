@@ -18,10 +18,11 @@ out=bench-results/dist-cpu-$tag.txt
 mkdir -p bench-results
 cargo build --release --quiet --example ddp_distill
 bin=${CARGO_TARGET_DIR:-target}/release/examples/ddp_distill
+cores=$(nproc --all)
 export OMP_NUM_THREADS=1 # one thread per rank, as torchrun sets; 1 process gets the same
 {
     echo "vidfuse::dist CPU benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)"
-    echo "machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1); OMP_NUM_THREADS=1 per process"
+    echo "machine: $cores cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1); OMP_NUM_THREADS=1 per process"
     echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     for width in 1 16; do
         for world in 1 2; do
