@@ -22,6 +22,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -44,8 +45,7 @@ struct vf_dist_reducer {
     // DDP's logger: the Reducer reports through it (searching for unused parameters
     // dereferences it), as torch.nn.parallel.DistributedDataParallel sets it up.
     std::shared_ptr<c10d::Logger> logger;
-    std::vector<int64_t> bucket_of;
-    size_t n_buckets = 0;
+    std::vector<at::Tensor> params;
 };
 
 namespace {
@@ -249,22 +249,15 @@ char *vf_dist_reducer_new(vf_dist_group *group, vf_tensor *const *params, size_t
             list, limits, std::vector<bool>(list.size(), false));
         std::vector<std::vector<size_t>> buckets(std::get<0>(assignment).rbegin(),
                                                  std::get<0>(assignment).rend());
-        std::vector<int64_t> caps(std::get<1>(assignment).rbegin(),
-                                  std::get<1>(assignment).rend());
         auto r = std::make_unique<vf_dist_reducer>();
-        r->bucket_of.assign(list.size(), -1);
-        for (size_t b = 0; b < buckets.size(); ++b) {
-            for (size_t i : buckets[b]) {
-                r->bucket_of.at(i) = static_cast<int64_t>(b);
-            }
-        }
-        r->n_buckets = buckets.size();
+        r->params = list;
         r->reducer = std::make_shared<c10d::Reducer>(
             list, std::move(buckets), group->group, std::vector<bool>(list.size(), false),
             bucket_bytes, find_unused != 0, /*gradient_as_bucket_view=*/false,
             std::unordered_map<size_t, std::string>{}, first_bucket_bytes,
             /*skip_all_reduce_unused_params=*/false, /*use_python_reducer=*/false,
-            std::move(caps));
+            // No per-bucket caps for the rebuild: first_bucket_bytes, then bucket_bytes.
+            /*bucket_bytes_cap_list=*/std::vector<int64_t>{});
         r->logger = std::make_shared<c10d::Logger>(r->reducer);
         r->reducer->set_logger(r->logger);
         *out = r.release();
@@ -275,6 +268,11 @@ char *vf_dist_reducer_prepare_forward(vf_dist_reducer *reducer) {
     return guarded([&] {
         need(reducer, "reducer");
         reducer->reducer->prepare_for_forward();
+        // As DistributedDataParallel's forward: after the first step, the buckets are
+        // rebuilt in the order in which the gradients became ready (rank 0's order, so that
+        // every rank agrees), so that each bucket fills, and is all-reduced, while backward
+        // still runs. A no-op afterwards (and with find_unused).
+        reducer->reducer->rebuild_buckets();
     });
 }
 
@@ -290,13 +288,23 @@ char *vf_dist_reducer_buckets(vf_dist_reducer *reducer, int64_t *bucket_of, size
                               size_t *n_buckets) {
     return guarded([&] {
         need(reducer, "reducer");
-        if (n != reducer->bucket_of.size()) {
-            throw std::invalid_argument("the reducer has " +
-                                        std::to_string(reducer->bucket_of.size()) +
+        const auto &params = reducer->params;
+        if (n != params.size()) {
+            throw std::invalid_argument("the reducer has " + std::to_string(params.size()) +
                                         " parameters, not " + std::to_string(n));
         }
-        std::memcpy(bucket_of, reducer->bucket_of.data(), n * sizeof(int64_t));
-        *n_buckets = reducer->n_buckets;
+        std::fill(bucket_of, bucket_of + n, -1);
+        const auto buckets = reducer->reducer->get_grad_buckets(/*return_zero_tensors=*/true);
+        for (const auto &bucket : buckets) {
+            for (const auto &p : bucket.getParameters()) {
+                for (size_t i = 0; i < n; ++i) {
+                    if (params[i].unsafeGetTensorImpl() == p.unsafeGetTensorImpl()) {
+                        bucket_of[i] = static_cast<int64_t>(bucket.getIndex());
+                    }
+                }
+            }
+        }
+        *n_buckets = buckets.size();
     });
 }
 

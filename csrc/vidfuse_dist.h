@@ -68,14 +68,17 @@ char *vf_dist_reducer_new(vf_dist_group *group, vf_tensor *const *params, size_t
                           int64_t bucket_bytes, int64_t first_bucket_bytes, int32_t find_unused,
                           vf_dist_reducer **out);
 
-/* Call before each forward pass. */
+/* Call before each forward pass (or at least before each backward): after the first
+ * step it also rebuilds the buckets in the order in which gradients became ready, as
+ * DistributedDataParallel does. */
 char *vf_dist_reducer_prepare_forward(vf_dist_reducer *reducer);
 
 /* Call after the forward pass, before backward, with the tensors backward starts from. */
 char *vf_dist_reducer_prepare_backward(vf_dist_reducer *reducer, vf_tensor *const *outputs,
                                        size_t n);
 
-/* Bucket assignment: writes the bucket of each parameter into bucket_of[n] (as built). */
+/* The current bucket assignment: writes the bucket of each parameter into bucket_of[n]
+ * (buckets are all-reduced in index order) and their number into *n_buckets. */
 char *vf_dist_reducer_buckets(vf_dist_reducer *reducer, int64_t *bucket_of, size_t n,
                               size_t *n_buckets);
 

@@ -480,8 +480,11 @@ impl<'a> DataParallel<'a> {
         &self.params
     }
 
-    /// The bucket of each parameter (buckets are all-reduced in order `0, 1, ...`, the
-    /// first holding the last parameters) and the number of buckets; empty when alone.
+    /// The bucket of each parameter (buckets are all-reduced in order `0, 1, ...`) and the
+    /// number of buckets; empty when alone. The first assignment goes by parameter order,
+    /// reversed (the last parameters' gradients are usually ready first); from the second
+    /// step on, as in PyTorch's DDP, the buckets follow the order in which the gradients
+    /// became ready in the first step (rank 0's).
     pub fn buckets(&self) -> Result<(Vec<usize>, usize), VidError> {
         let Some(r) = self.reducer else {
             return Ok((Vec::new(), 0));
