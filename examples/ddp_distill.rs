@@ -24,7 +24,8 @@
 //! `--data PATH` (data/mnist_5k.csv.gz), `--find-unused` (DDP's find_unused_parameters),
 //! `--width W` (the student's hidden layers W times wider), `--bench N` (after training, N
 //! timed backward passes with and without the gradient reduction, and of the all-reduce
-//! alone: one `bench:` line per rank).
+//! alone: one `bench:` line per rank), `--bucket-kb K` (gradient buckets of K KiB instead
+//! of 1 MiB first, then 25 MiB).
 #[allow(dead_code)]
 #[path = "mnist_vid/data.rs"]
 mod data;
@@ -52,6 +53,7 @@ struct Args {
     find_unused: bool,
     width: i64,
     bench: usize,
+    bucket_kb: Option<usize>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -66,6 +68,7 @@ fn parse_args() -> anyhow::Result<Args> {
         find_unused: false,
         width: 1,
         bench: 0,
+        bucket_kb: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,6 +87,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--device" => args.device = Some(value),
             "--width" => args.width = num(&value)?.max(1) as i64,
             "--bench" => args.bench = num(&value)?,
+            "--bucket-kb" => args.bucket_kb = Some(num(&value)?.max(1)),
             "--data" => args.data = PathBuf::from(value),
             _ => bail!("unknown argument {flag}"),
         }
@@ -146,9 +150,12 @@ fn main() -> anyhow::Result<()> {
         None => Device::Cpu,
         Some(other) => bail!("--device {other:?}: expected cpu or cuda"),
     };
-    let options = DistOptions::default()
+    let mut options = DistOptions::default()
         .timeout(args.timeout)
         .find_unused_parameters(args.find_unused);
+    if let Some(kb) = args.bucket_kb {
+        options = options.buckets(kb << 10, kb << 10);
+    }
     let dist = Dist::with_env(launch, device, &options)?;
     let (rank, world) = (dist.rank(), dist.world_size());
 
