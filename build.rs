@@ -8,7 +8,10 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/vidfuse_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/vidfuse_shim.h");
+    println!("cargo:rerun-if-changed=csrc/vidfuse_dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/vidfuse_dist.h");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=VIDFUSE_GLOO_INCLUDE");
     // docs.rs (and `--features doc-only`): documentation only, no libtorch to compile against.
     if env::var_os("DOCS_RS").is_some() || env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
         return;
@@ -20,7 +23,6 @@ fn main() {
     ));
     let include = lib_dir.join("..").join("include");
 
-    let mut shim = cc::Build::new();
     // With CUDA headers (the nvidia wheels next to torch; crt/ comes from nvidia-cuda-crt)
     // and libtorch_cuda, the shim also wraps PyTorch's CUDA streams and graphs.
     let cuda_include = lib_dir.join("../../nvidia/cu13/include");
@@ -29,22 +31,47 @@ fn main() {
     let c10_cuda = lib_dir.join("libc10_cuda.so").exists();
     let shim_cuda =
         torch_cuda && c10_cuda && cuda_headers.iter().all(|h| cuda_include.join(h).exists());
+    let mut shim = shim_build(&include);
     if shim_cuda {
         shim.include(&cuda_include)
             .define("VIDFUSE_WITH_TORCH_CUDA", None);
     }
-    shim.cpp(true)
-        .file("csrc/vidfuse_shim.cpp")
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        // at::parallel_for is inline OpenMP code: without this it runs serially.
-        .flag("-fopenmp")
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .warnings(false)
-        .compile("vidfuse_shim");
+    shim.file("csrc/vidfuse_shim.cpp").compile("vidfuse_shim");
+
+    // The distributed engine (csrc/vidfuse_dist.cpp): c10d as libtorch exports it. Gloo needs
+    // gloo's own headers, which the torch wheel lacks (scripts/setup.sh installs Debian's
+    // libgloo-dev); NCCL needs nccl.h (the nvidia-nccl wheel next to torch) and the CUDA
+    // headers, including CCCL's <nv/target>. Without them the backend reports itself missing.
+    let mut dist = shim_build(&include);
+    let gloo_include = env::var_os("VIDFUSE_GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(["/usr/include", "/usr/local/include"].map(PathBuf::from))
+        .find(|dir| dir.join("gloo/context.h").exists());
+    match &gloo_include {
+        Some(dir) => {
+            println!("cargo:rerun-if-changed={}", dir.join("gloo").display());
+            dist.include(dir)
+                .define("USE_C10D_GLOO", None)
+                .define("VIDFUSE_WITH_GLOO", None);
+        }
+        None => println!(
+            "cargo:warning=gloo headers not found (install libgloo-dev or set VIDFUSE_GLOO_INCLUDE, then `cargo clean -p vidfuse`): vidfuse::dist has no Gloo backend"
+        ),
+    }
+    let nccl_include = lib_dir.join("../../nvidia/nccl/include");
+    if shim_cuda {
+        // Installing CCCL's headers there (scripts/setup.sh) turns the NCCL backend on.
+        println!("cargo:rerun-if-changed={}", cuda_include.display());
+    }
+    if shim_cuda && nccl_include.join("nccl.h").exists() && cuda_include.join("nv/target").exists()
+    {
+        dist.include(&cuda_include)
+            .include(&nccl_include)
+            .define("USE_C10D_NCCL", None)
+            .define("VIDFUSE_WITH_NCCL", None);
+    }
+    dist.file("csrc/vidfuse_dist.cpp").compile("vidfuse_dist");
 
     // `rustc-link-lib` reaches the final link of every binary that depends on this crate
     // (torch-sys has given the search path and links torch_cuda; rustc links with
@@ -69,4 +96,21 @@ fn main() {
         "cargo:rustc-env=VIDFUSE_LIBTORCH_LIB={}",
         lib_dir.canonicalize().unwrap_or(lib_dir.clone()).display()
     );
+}
+
+/// A C++17 build of one shim file against libtorch's headers, with the flags both share.
+fn shim_build(include: &std::path::Path) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        // at::parallel_for is inline OpenMP code: without this it runs serially.
+        .flag("-fopenmp")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false);
+    build
 }

@@ -35,6 +35,12 @@ rm -rf "$out"
 mkdir -p "$out/bin"
 cp "$(executable test --release --test gpu)" "$out/bin/gpu-tests"
 cp "$(executable bench --features bench --bench gpu)" "$out/bin/gpu-bench"
+# vidfuse::dist on NCCL (scripts/dist-gpu.sh): the example and its data.
+cargo build --release --quiet --example ddp_distill
+cp "${CARGO_TARGET_DIR:-target}/release/examples/ddp_distill" "$out/bin/"
+mkdir -p "$out/data"
+cp data/mnist_5k.csv.gz "$out/data/"
+cp scripts/dist-gpu.sh "$out/"
 strip "$out"/bin/* 2>/dev/null || true
 cp scripts/gpu-run.sh "$out/"
 cp "$peers" "$out/vid_peers.py"

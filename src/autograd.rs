@@ -32,7 +32,7 @@ struct NodeState {
 }
 
 /// Takes an error string the shim allocated.
-fn take_error(err: *mut c_char) -> Option<String> {
+pub(crate) fn take_error(err: *mut c_char) -> Option<String> {
     if err.is_null() {
         return None;
     }

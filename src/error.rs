@@ -50,6 +50,24 @@ pub enum VidError {
     /// A bug in vidfuse: a panic inside the op, caught before it reached the caller.
     #[error("internal error in vidfuse (please report it): {0}")]
     Internal(String),
+    /// An environment variable of the distributed launch (torchrun's `RANK`, `WORLD_SIZE`,
+    /// `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) is missing, garbled or inconsistent.
+    #[error("bad distributed environment: `{var}`: {message}")]
+    Environment {
+        /// The variable's name.
+        var: &'static str,
+        /// What was expected and what was found.
+        message: String,
+    },
+    /// A distributed operation failed: rendezvous, a collective (a peer died, or did not
+    /// arrive within the timeout), or the data-parallel gradient reduction.
+    #[error("distributed error in {op}: {message}")]
+    Distributed {
+        /// What was being done (`rendezvous`, `all_reduce`, `backward`...).
+        op: &'static str,
+        /// libtorch's (c10d's) message.
+        message: String,
+    },
     /// A kernel launch failed (on the device or in the host emulation).
     #[error("kernel launch `{kernel}` failed: {message}")]
     Launch {

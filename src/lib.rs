@@ -32,6 +32,7 @@ mod backend;
 mod backend_io;
 pub mod cpu;
 pub mod cuda;
+pub mod dist;
 pub mod error;
 mod ffi;
 mod host_pool;
