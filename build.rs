@@ -10,6 +10,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/vidfuse_shim.h");
     println!("cargo:rerun-if-changed=csrc/vidfuse_dist.cpp");
     println!("cargo:rerun-if-changed=csrc/vidfuse_dist.h");
+    println!("cargo:rerun-if-changed=csrc/vidfuse_guard.h");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=VIDFUSE_GLOO_INCLUDE");
     // docs.rs (and `--features doc-only`): documentation only, no libtorch to compile against.

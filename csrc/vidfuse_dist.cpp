@@ -7,6 +7,7 @@
 // includes them. Built with VIDFUSE_WITH_NCCL (USE_C10D_NCCL) when nccl.h and the CUDA headers
 // are found and libtorch has CUDA. Without either, the functions report what is missing.
 #include "vidfuse_dist.h"
+#include "vidfuse_guard.h"
 
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -50,27 +51,7 @@ struct vf_dist_reducer {
 
 namespace {
 
-char *copy_message(const std::string &message) {
-    char *out = static_cast<char *>(std::malloc(message.size() + 1));
-    if (out != nullptr) {
-        std::memcpy(out, message.c_str(), message.size() + 1);
-    }
-    return out;
-}
-
-// Runs f, turning any exception into a malloc'd message (NULL on success).
-template <typename F> char *guarded(F &&f) noexcept {
-    try {
-        f();
-        return nullptr;
-    } catch (const c10::Error &e) {
-        return copy_message(e.what_without_backtrace());
-    } catch (const std::exception &e) {
-        return copy_message(e.what());
-    } catch (...) {
-        return copy_message("unknown C++ exception");
-    }
-}
+using vidfuse::guarded;
 
 at::Tensor &as_tensor(vf_tensor *t) { return *reinterpret_cast<at::Tensor *>(t); }
 

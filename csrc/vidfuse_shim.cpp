@@ -1,6 +1,7 @@
 // The C++ side of vidfuse_shim.h: a torch::autograd::Node that forwards backward to a
 // callback. Every entry point catches every exception and returns it as a message.
 #include "vidfuse_shim.h"
+#include "vidfuse_guard.h"
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -35,28 +36,8 @@
 
 namespace {
 
-char *copy_message(const char *message) {
-    size_t len = std::strlen(message);
-    char *out = static_cast<char *>(std::malloc(len + 1));
-    if (out != nullptr) {
-        std::memcpy(out, message, len + 1);
-    }
-    return out;
-}
-
-// Runs f, turning any exception into a malloc'd message (NULL on success).
-template <typename F> char *guarded(F &&f) noexcept {
-    try {
-        f();
-        return nullptr;
-    } catch (const c10::Error &e) {
-        return copy_message(e.what_without_backtrace());
-    } catch (const std::exception &e) {
-        return copy_message(e.what());
-    } catch (...) {
-        return copy_message("unknown C++ exception");
-    }
-}
+using vidfuse::copy_message;
+using vidfuse::guarded;
 
 at::Tensor &as_tensor(vf_tensor *t) { return *reinterpret_cast<at::Tensor *>(t); }
 

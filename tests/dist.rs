@@ -457,16 +457,7 @@ fn a_rank_that_never_arrives_is_an_error_within_the_timeout() {
     let elapsed = start.elapsed();
     let message = err.to_string();
     println!("{message}");
-    assert!(
-        matches!(
-            err,
-            VidError::Distributed {
-                op: "rendezvous",
-                ..
-            }
-        ),
-        "{message}"
-    );
+    assert_rendezvous_error(&err, &message);
     assert!(message.contains("rank 0 of 2"), "{message}");
     assert!(
         elapsed >= Duration::from_millis(2500) && elapsed < Duration::from_secs(20),
@@ -728,14 +719,7 @@ fn a_world_of_one_is_a_real_group() {
         return;
     }
     // torchrun --nproc-per-node 1: a Gloo group of one, the rank serving its own store.
-    let env = LaunchEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-        agent_store: false,
-    };
+    let env = group_of_one();
     let options = DistOptions::default()
         .timeout(Duration::from_secs(30))
         .find_unused_parameters(true); // the store's spare variable gets no gradient
@@ -768,18 +752,19 @@ fn nccl_without_a_gpu_is_a_clear_error() {
     if tch::Cuda::is_available() || is_worker() {
         return; // the GPU script runs the NCCL path for real
     }
-    let env = LaunchEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-        agent_store: false,
-    };
+    let env = group_of_one();
     let options = DistOptions::default().timeout(Duration::from_secs(10));
     let err = Dist::with_env(Some(env), Device::Cuda(0), &options).expect_err("no GPU here");
     let message = err.to_string();
     println!("NCCL built: {}; {message}", Backend::Nccl.is_built());
+    assert_rendezvous_error(&err, &message);
+    if !Backend::Nccl.is_built() {
+        assert!(message.contains("built without NCCL"), "{message}");
+    }
+}
+
+/// `err` is a failed rendezvous (its `message` shown otherwise).
+fn assert_rendezvous_error(err: &VidError, message: &str) {
     assert!(
         matches!(
             err,
@@ -790,7 +775,16 @@ fn nccl_without_a_gpu_is_a_clear_error() {
         ),
         "{message}"
     );
-    if !Backend::Nccl.is_built() {
-        assert!(message.contains("built without NCCL"), "{message}");
+}
+
+/// The launch environment of a group of one on the loopback, at a free port.
+fn group_of_one() -> LaunchEnv {
+    LaunchEnv {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+        agent_store: false,
     }
 }
