@@ -18,28 +18,34 @@
 //! cargo run --release --features experiment --example mnist_vid -- --help
 //! ```
 
+#[path = "mnist_vid/chart.rs"]
+mod chart;
 #[path = "mnist_vid/data.rs"]
 mod data;
 #[path = "mnist_vid/models.rs"]
 mod models;
 #[path = "mnist_vid/plot.rs"]
 mod plot;
+#[path = "mnist_vid/pool.rs"]
+mod pool;
 #[path = "mnist_vid/report.rs"]
 mod report;
+#[path = "mnist_vid/stats.rs"]
+mod stats;
+#[path = "mnist_vid/transfer.rs"]
+mod transfer;
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{nn, Device};
 
 use data::{Dataset, Rng, POOL_PER_CLASS};
-use models::{Layers, Method, RunData, RunSpec, Schedule, StudentKind, Teacher, VidInit, Weights};
+use models::{Layers, RunData, RunSpec, Schedule, StudentKind, Teacher, VidInit, Weights};
 use report::{Ablation, Phase, RunRecord};
+use transfer::Method;
 
 /// Knowledge transfer with little data (Ahn et al. 2019, Table 2) on real MNIST digits:
 /// a CNN teacher, CNN and MLP students, the paper's eight methods, four training-set sizes.
@@ -268,13 +274,13 @@ fn main() -> anyhow::Result<()> {
         min_steps: 0,
         ..sched
     };
-    let pb = bar(t_sched.steps(pool_x.size()[0]) as u64, "teacher");
+    let pb = pool::bar(t_sched.steps(pool_x.size()[0]) as u64, "teacher");
     models::train_teacher(&teacher, &t_vs, &t_sched, &pool_x, &pool_y, || pb.inc(1))?;
     pb.finish_and_clear();
     let teacher_on = |x: &tch::Tensor| tch::no_grad(|| teacher.forward_t(x, false)).detach();
     let (teacher_pool, teacher_val, teacher_test) =
         (teacher_on(&pool_x), teacher_on(&val_x), teacher_on(&test_x));
-    let teacher_acc = models::accuracy(&teacher_test.logits, &test_y);
+    let teacher_acc = transfer::accuracy(&teacher_test.logits, &test_y);
     let teacher_seconds = t_started.elapsed().as_secs_f64();
     eprintln!(
         "teacher: test accuracy {:.2}% after {teacher_epochs} epochs ({teacher_seconds:.1} s)",
@@ -454,9 +460,9 @@ fn parse_list<T: std::str::FromStr<Err = String>>(items: &[String]) -> anyhow::R
         .map_err(anyhow::Error::msg)
 }
 
-/// Trains every job, `workers` at a time (one thread each), longest first; returns them in
-/// the order given. Results do not depend on `workers`: each run seeds its own weights and
-/// batch order.
+/// Trains every job, `workers` at a time (one thread each), largest M first; returns them
+/// in the order given. Results do not depend on `workers`: each run seeds its own weights
+/// and batch order.
 #[allow(clippy::too_many_arguments)]
 fn run_all(
     jobs: Vec<Job>,
@@ -468,83 +474,45 @@ fn run_all(
     test_data: &RunData,
     val_data: &RunData,
 ) -> anyhow::Result<Vec<RunRecord>> {
-    if jobs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut queue: Vec<(usize, Job, Vec<i64>)> = jobs
+    let subsets: Vec<Vec<i64>> = jobs
         .iter()
-        .enumerate()
-        .map(|(i, &job)| (i, job, ds.subset(job.m, &mut Rng::new(1000 + job.seed))))
+        .map(|job| ds.subset(job.m, &mut Rng::new(1000 + job.seed)))
         .collect();
-    queue.sort_by_key(|(_, job, _)| std::cmp::Reverse(job.m));
-    let queue = Mutex::new(VecDeque::from(queue));
-    let pb = bar(jobs.len() as u64, label);
-    let (tx, rx) = mpsc::channel();
-    let mut done: Vec<Option<RunRecord>> = (0..jobs.len()).map(|_| None).collect();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        for _ in 0..workers.min(jobs.len()) {
-            let (tx, queue) = (tx.clone(), &queue);
-            let (test_data, val_data) = (test_data.share(), val_data.share());
-            scope.spawn(move || loop {
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                let Some((i, job, subset)) = next else { break };
-                let data = match job.phase {
-                    Phase::Selection => &val_data,
-                    Phase::Main | Phase::Ablation(_) => &test_data,
-                };
-                let t0 = Instant::now();
-                let outcome =
-                    models::train_student(&job.spec, sched, weights, data, &subset, job.seed);
-                let failed = outcome.is_err();
-                let _ = tx.send((i, job, outcome, t0.elapsed().as_secs_f64()));
-                if failed {
-                    // The others stop at their next job.
-                    queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                    break;
-                }
-            });
-        }
-        drop(tx);
-        for (i, job, outcome, seconds) in rx {
-            let o = outcome.with_context(|| {
-                format!(
-                    "{} {} M={} seed {}",
-                    job.spec.kind, job.spec.method, job.m, job.seed
-                )
-            })?;
-            let line = report::describe(&job.spec, job.phase, job.m, job.seed, &o, seconds);
-            if pb.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                pb.println(line);
-            }
-            pb.inc(1);
-            done[i] = Some(RunRecord {
-                phase: job.phase,
-                spec: job.spec,
-                samples_per_class: job.m,
-                seed: job.seed,
-                accuracy: o.accuracy,
-                steps: o.steps,
-                final_variance: o.final_variance,
-                traces: o.traces,
-                seconds,
-            });
-        }
-        Ok(())
-    })?;
-    pb.finish_and_clear();
-    Ok(done.into_iter().flatten().collect())
-}
-
-fn bar(len: u64, prefix: &'static str) -> ProgressBar {
-    let pb = ProgressBar::new(len).with_prefix(prefix);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>8} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].m));
+    let indexed: Vec<(usize, Job)> = jobs.iter().copied().enumerate().collect();
+    let outcomes = pool::run_jobs(
+        &indexed,
+        order,
+        workers,
+        label,
+        || (test_data.share(), val_data.share()),
+        |(test_data, val_data), &(i, job)| {
+            let data = match job.phase {
+                Phase::Selection => val_data,
+                Phase::Main | Phase::Ablation(_) => test_data,
+            };
+            models::train_student(&job.spec, sched, weights, data, &subsets[i], job.seed)
+                .with_context(|| {
+                    let s = &job.spec;
+                    format!("{} {} M={} seed {}", s.kind, s.method, job.m, job.seed)
+                })
+        },
+        |&(_, job), o, seconds| report::describe(&job.spec, job.phase, job.m, job.seed, o, seconds),
+    )?;
+    Ok(jobs
+        .iter()
+        .zip(outcomes)
+        .map(|(job, (o, seconds))| RunRecord {
+            phase: job.phase,
+            spec: job.spec,
+            samples_per_class: job.m,
+            seed: job.seed,
+            accuracy: o.accuracy,
+            steps: o.steps,
+            final_variance: o.final_variance,
+            traces: o.traces,
+            seconds,
+        })
+        .collect())
 }
