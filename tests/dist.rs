@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -39,8 +40,39 @@ fn rank_env(cmd: &mut Command, rank: usize, world: usize, port: u16) {
         .env_remove("TORCHELASTIC_USE_AGENT_STORE");
 }
 
+/// A child that is killed and reaped if dropped unwaited: a failed assertion leaves no process.
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    fn spawn(cmd: &mut Command) -> Self {
+        Self(cmd.spawn().unwrap())
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Waits for `child` at most `limit`; kills it past that and says so.
-fn wait_limited(mut child: Child, limit: Duration) -> (Output, Duration) {
+fn wait_limited(mut child: KillOnDrop, limit: Duration) -> (Output, Duration) {
     let start = Instant::now();
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
@@ -85,7 +117,7 @@ fn text(bytes: &[u8]) -> String {
 fn run_workers(name: &str, world: usize) {
     let port = free_port();
     let exe = std::env::current_exe().unwrap();
-    let children: Vec<Child> = (0..world)
+    let children: Vec<KillOnDrop> = (0..world)
         .map(|rank| {
             let mut cmd = Command::new(&exe);
             cmd.args([name, "--exact", "--nocapture", "--test-threads", "1"])
@@ -93,7 +125,7 @@ fn run_workers(name: &str, world: usize) {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             rank_env(&mut cmd, rank, world, port);
-            cmd.spawn().unwrap()
+            KillOnDrop::spawn(&mut cmd)
         })
         .collect();
     for (rank, child) in children.into_iter().enumerate() {
@@ -438,7 +470,7 @@ fn a_rank_that_never_arrives_is_an_error_within_the_timeout() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         rank_env(&mut cmd, 0, 2, port);
-        let (out, elapsed) = wait_limited(cmd.spawn().unwrap(), Duration::from_secs(60));
+        let (out, elapsed) = wait_limited(KillOnDrop::spawn(&mut cmd), Duration::from_secs(60));
         assert!(
             out.status.success(),
             "{}\n{}",
@@ -569,17 +601,17 @@ fn two_ranks_under_torchrun_match_one_process() {
     }
     let bin = example();
     let args = ["--steps", "20", "--device", "cpu"];
-    let alone = Command::new(&bin)
-        .args(args)
-        .args(["--batch-per-rank", "64"])
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("LOCAL_RANK")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let alone = KillOnDrop::spawn(
+        Command::new(&bin)
+            .args(args)
+            .args(["--batch-per-rank", "64"])
+            .env("OMP_NUM_THREADS", "1")
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .env_remove("LOCAL_RANK")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let (alone, _) = wait_limited(alone, Duration::from_secs(120));
     assert!(alone.status.success(), "{}", text(&alone.stderr));
     let one = finals(&text(&alone.stdout));
@@ -587,16 +619,16 @@ fn two_ranks_under_torchrun_match_one_process() {
     let one = &one[0];
     assert_eq!((one.rank, one.world, one.step), (0, 1, 20));
 
-    let pair = torchrun()
-        .args(["--standalone", "--nproc-per-node", "2", "--no-python"])
-        .arg(&bin)
-        .args(args)
-        .args(["--batch-per-rank", "32"])
-        .env("OMP_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let pair = KillOnDrop::spawn(
+        torchrun()
+            .args(["--standalone", "--nproc-per-node", "2", "--no-python"])
+            .arg(&bin)
+            .args(args)
+            .args(["--batch-per-rank", "32"])
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let (pair, _) = wait_limited(pair, Duration::from_secs(180));
     assert!(
         pair.status.success(),
@@ -655,7 +687,7 @@ fn a_killed_rank_gives_the_survivor_an_error_within_the_timeout() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         rank_env(&mut cmd, rank, 2, port);
-        cmd.spawn().unwrap()
+        KillOnDrop::spawn(&mut cmd)
     };
     let survivor = spawn(0);
     let mut victim = spawn(1);
