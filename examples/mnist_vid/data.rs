@@ -16,8 +16,8 @@ pub const VAL_PER_CLASS: usize = 50;
 pub const POOL_PER_CLASS: usize = 350;
 const CLASSES: usize = 10;
 // MNIST's usual normalisation.
-const PIXEL_MEAN: f32 = 0.1307;
-const PIXEL_STD: f32 = 0.3081;
+pub const PIXEL_MEAN: f32 = 0.1307;
+pub const PIXEL_STD: f32 = 0.3081;
 
 /// A small deterministic generator (SplitMix64), independent of libtorch's.
 pub struct Rng(u64);
