@@ -37,7 +37,7 @@ mod transfer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -181,7 +181,7 @@ struct Job {
 /// first run that needs it and dropped after its last run: at M = 35 a cell holds 1.5 GB.
 struct Cells<'a> {
     source: &'a Mutex<Source>,
-    slots: HashMap<(i64, u64), Arc<Mutex<Slot>>>,
+    slots: HashMap<(i64, u64), Mutex<Slot>>,
 }
 
 /// What cells are built from: the teacher and the training pool (images, labels).
@@ -199,8 +199,9 @@ struct Slot {
 
 impl Cells<'_> {
     fn checkout(&self, m: i64, seed: u64) -> anyhow::Result<CellData> {
-        let slot = &self.slots[&(m, seed)];
-        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.slots[&(m, seed)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if slot.data.is_none() {
             let source = self.source.lock().unwrap_or_else(|e| e.into_inner());
             let (pool_x, pool_y) = &source.pool;
@@ -476,16 +477,16 @@ impl Runner<'_> {
         grid: &[Job],
         label: &'static str,
     ) -> anyhow::Result<Vec<RunRecord>> {
-        let mut slots: HashMap<(i64, u64), Arc<Mutex<Slot>>> = HashMap::new();
+        let mut slots: HashMap<(i64, u64), Mutex<Slot>> = HashMap::new();
         for job in grid {
             let slot = slots.entry((job.m, job.seed)).or_insert_with(|| {
-                Arc::new(Mutex::new(Slot {
+                Mutex::new(Slot {
                     subset: ds.subset(job.m, &mut Rng::new(1000 + job.seed)),
                     data: None,
                     runs_left: 0,
-                }))
+                })
             });
-            slot.lock().unwrap_or_else(|e| e.into_inner()).runs_left += 1;
+            slot.get_mut().unwrap_or_else(|e| e.into_inner()).runs_left += 1;
         }
         let cells = Cells {
             source: &self.source,

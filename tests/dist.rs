@@ -49,11 +49,25 @@ impl KillOnDrop {
     }
 }
 
+impl KillOnDrop {
+    /// Ends the child and reaps it. SIGTERM first: torchrun starts its workers in a session
+    /// of their own, out of reach of a SIGKILL sent to it, and stops them on SIGTERM.
+    fn terminate(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        self.0.wait()
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+            let _ = self.terminate();
         }
     }
 }
@@ -91,8 +105,7 @@ fn wait_limited(mut child: KillOnDrop, limit: Duration) -> (Output, Duration) {
             break status;
         }
         if start.elapsed() > limit {
-            let _ = child.kill();
-            let status = child.wait().unwrap();
+            let status = child.terminate().unwrap();
             panic!(
                 "a process ran past {limit:?} and was killed ({status}); stderr:\n{}",
                 String::from_utf8_lossy(&err_reader.join().unwrap())

@@ -624,3 +624,160 @@ pub fn plot(path: &Path, records: &[RunRecord], info: &RunInfo) -> anyhow::Resul
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEEDS: u64 = 5;
+    const SETTING: VidSetting = VidSetting {
+        init_variance: 0.1,
+        variance_lr: 0.05,
+    };
+
+    fn record(phase: Phase, column: Column, m: i64, seed: u64, accuracy: f64) -> RunRecord {
+        let outcome = match column {
+            Column::Ceiling => Outcome::Ceiling(accuracy),
+            _ => Outcome::Student(RunOutcome {
+                accuracy,
+                best_accuracy: accuracy,
+                curve: Vec::new(),
+                probe_r2: Vec::new(),
+                final_variance: Vec::new(),
+            }),
+        };
+        RunRecord {
+            phase,
+            column,
+            vid: SETTING,
+            m,
+            seed,
+            outcome,
+            seconds: 0.0,
+        }
+    }
+
+    /// Seeds 0..5 at M = 2 and 7: the student at 70% plus a seed-dependent wobble, the
+    /// others at a fixed offset from it (points), plus a smaller wobble of their own.
+    fn records(ceiling: f64, fitnet: f64, at: f64, vid: f64) -> Vec<RunRecord> {
+        let mut out = Vec::new();
+        for m in [2, 7] {
+            for seed in 0..SEEDS {
+                let base = 0.70 + 0.02 * ((seed * 7 % 5) as f64 - 2.0);
+                let wobble = 0.002 * ((seed * 3 % 5) as f64 - 2.0);
+                let column = |c, points: f64| {
+                    record(Phase::Main, c, m, seed, base + points / 100.0 + wobble)
+                };
+                out.push(record(
+                    Phase::Main,
+                    Column::Method(Method::Student),
+                    m,
+                    seed,
+                    base,
+                ));
+                out.push(column(Column::Ceiling, ceiling));
+                out.push(column(Column::Method(Method::FitNet), fitnet));
+                out.push(column(Column::Method(Method::At), at));
+                out.push(column(Column::Method(Method::Vid), vid));
+            }
+        }
+        out
+    }
+
+    fn info() -> RunInfo {
+        RunInfo {
+            teacher_accuracy: 0.99,
+            teacher_epochs: 10,
+            teacher_seconds: 1.0,
+            seeds: SEEDS,
+            samples: vec![2, 7],
+            columns: vec![
+                Column::Ceiling,
+                Column::Method(Method::Student),
+                Column::Method(Method::FitNet),
+                Column::Method(Method::At),
+                Column::Method(Method::Vid),
+            ],
+            quick: false,
+            device: "Cpu".into(),
+            jobs: 1,
+            sched: Schedule {
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                batch: 64,
+                steps: 400,
+            },
+            weights: Weights {
+                temperature: 4.0,
+                fitnet: 100.0,
+                at: 1000.0,
+                nst: 50.0,
+                vid_lambda: 1.0,
+            },
+            selection_samples: vec![2, 7],
+            selection_seeds: 1,
+            fixed: Some(SETTING),
+            chosen: SETTING,
+            reference: SETTING,
+            wall_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_decision_rule_reads_the_paired_gains() {
+        let reading = |c, f, a, v| verdict(&records(c, f, a, v), &info());
+        assert!(reading(20.0, 8.0, 0.0, 0.5).contains("VID is at fault"));
+        assert!(reading(20.0, 0.0, 5.0, 1.0).contains("VID is at fault"));
+        assert!(reading(20.0, 8.0, 0.0, 6.0).contains("VID-I transfers here"));
+        assert!(reading(20.0, 1.0, -1.0, 2.9).contains("still lacks the premise"));
+        assert!(reading(2.0, 8.0, 0.0, 6.0).contains("lacks the premise, and says nothing"));
+    }
+
+    #[test]
+    fn a_gain_needs_three_points_and_an_interval_above_zero() {
+        let rs = records(20.0, 3.5, 2.9, 0.0);
+        assert!(gains(&rs, Column::Method(Method::FitNet), 7));
+        assert!(!gains(&rs, Column::Method(Method::At), 7));
+        // A large mean with a wide interval is no gain: two seeds far apart.
+        let mut wide = records(20.0, 0.0, 0.0, 0.0);
+        for r in wide
+            .iter_mut()
+            .filter(|r| r.column == Column::Method(Method::Vid) && r.m == 7)
+        {
+            let swing = if r.seed % 2 == 0 { 0.30 } else { -0.15 };
+            r.outcome = Outcome::Student(RunOutcome {
+                accuracy: r.outcome.accuracy() + swing,
+                best_accuracy: 0.0,
+                curve: Vec::new(),
+                probe_r2: Vec::new(),
+                final_variance: Vec::new(),
+            });
+        }
+        let (mean, ci, n) = gain(&wide, Column::Method(Method::Vid), 7).unwrap();
+        assert_eq!(n, SEEDS as usize);
+        assert!(mean >= 3.0 && mean - ci <= 0.0, "{mean} ± {ci}");
+        assert!(!gains(&wide, Column::Method(Method::Vid), 7));
+    }
+
+    #[test]
+    fn the_choice_takes_the_best_mean_validation_accuracy() {
+        let other = VidSetting {
+            init_variance: 5.0,
+            variance_lr: 0.5,
+        };
+        let mut rs = Vec::new();
+        for (m, a, b) in [(2, 0.50, 0.60), (7, 0.80, 0.75)] {
+            rs.push(RunRecord {
+                vid: SETTING,
+                ..record(Phase::Selection, Column::Method(Method::Vid), m, 100, a)
+            });
+            rs.push(RunRecord {
+                vid: other,
+                ..record(Phase::Selection, Column::Method(Method::Vid), m, 100, b)
+            });
+        }
+        assert_eq!(chosen_setting(&rs), Some(other));
+        assert_eq!(chosen_setting(&rs[..0]), None);
+    }
+}

@@ -32,7 +32,7 @@ pub fn translations(x: &Tensor) -> Tensor {
     let (n, h, w) = (size[0], size[2], size[3]);
     let background = f64::from(-PIXEL_MEAN / PIXEL_STD);
     let m = MAX_SHIFT;
-    let padded = (x - background).constant_pad_nd([m, m, m, m]) + background;
+    let padded = x.pad([m, m, m, m], "constant", background);
     let mut shifted = Vec::with_capacity(SHIFTS as usize);
     for dy in 0..=2 * m {
         for dx in 0..=2 * m {
@@ -492,4 +492,105 @@ pub fn train_teacher(
         on_step();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn background() -> f64 {
+        f64::from(-PIXEL_MEAN / PIXEL_STD)
+    }
+
+    #[test]
+    fn translations_move_the_image_and_fill_the_background() {
+        tch::manual_seed(1);
+        let x = Tensor::rand([2, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let out = translations(&x);
+        assert_eq!(out.size(), [2 * SHIFTS, 1, 28, 28]);
+        let side = 2 * MAX_SHIFT + 1;
+        for i in 0..2 {
+            for k in 0..SHIFTS {
+                let (dy, dx) = (k / side - MAX_SHIFT, k % side - MAX_SHIFT);
+                let got = out.get(i * SHIFTS + k);
+                for (r, c) in [(0, 0), (1, 27), (13, 14), (27, 0), (26, 26), (2, 25)] {
+                    let (sr, sc) = (r + dy, c + dx);
+                    let want = if (0..28).contains(&sr) && (0..28).contains(&sc) {
+                        x.double_value(&[i, 0, sr, sc])
+                    } else {
+                        background()
+                    };
+                    let v = got.double_value(&[0, r, c]);
+                    assert!(
+                        (v - want).abs() < 1e-6,
+                        "image {i} shift {k} at ({r},{c}): {v} vs {want}"
+                    );
+                }
+            }
+            let centre = out.get(i * SHIFTS + CENTRE);
+            assert!(
+                centre.equal(&x.get(i)),
+                "the centre shift is the image itself"
+            );
+        }
+    }
+
+    #[test]
+    fn cell_data_holds_the_teacher_on_every_translation() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let teacher = ResNet::new(&vs.root(), [4, 8, 8]);
+        let x = Tensor::randn([3, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[4i64, 1, 7]);
+        let cell = CellData::new(&teacher, &x, &y);
+        assert_eq!(cell.x.size()[0], 3 * SHIFTS);
+        let idx = Tensor::from_slice(&[0i64, 12, 30, 74]);
+        let want =
+            tch::no_grad(|| teacher.forward_t(&translations(&x).index_select(0, &idx), false));
+        let got = cell.teacher.rows(&idx);
+        for (g, w) in got.stages.iter().zip(&want.stages) {
+            assert!(g.allclose(w, 1e-5, 1e-5, false));
+        }
+        assert!(got.logits.allclose(&want.logits, 1e-5, 1e-5, false));
+        assert_eq!(
+            Vec::<i64>::try_from(cell.y.index_select(0, &idx)).unwrap(),
+            [4, 4, 1, 7]
+        );
+        let (centred_x, centred_y) = cell.centred();
+        assert!(centred_x.equal(&x));
+        assert!(centred_y.equal(&y));
+    }
+
+    #[test]
+    fn the_probe_scores_a_linear_map_one_and_noise_near_zero() {
+        tch::manual_seed(3);
+        let opts = (Kind::Float, Device::Cpu);
+        let (s_fit, s_eval) = (
+            Tensor::randn([64, 4, 5, 5], opts),
+            Tensor::randn([64, 4, 5, 5], opts),
+        );
+        let map = Tensor::randn([3, 4, 1, 1], opts);
+        let bias = Tensor::randn([3], opts);
+        let linear = |s: &Tensor| s.conv2d(&map, Some(&bias), [1, 1], [0, 0], [1, 1], 1);
+        let r2 = linear_probe_r2(&s_fit, &linear(&s_fit), &s_eval, &linear(&s_eval)).unwrap();
+        assert!(r2 > 1.0 - 1e-6, "{r2}");
+        let noise = |_: &Tensor| Tensor::randn([64, 3, 5, 5], opts);
+        let r2 = linear_probe_r2(&s_fit, &noise(&s_fit), &s_eval, &noise(&s_eval)).unwrap();
+        assert!(r2.abs() < 0.02, "{r2}");
+    }
+
+    #[test]
+    fn the_learning_rate_follows_half_a_cosine() {
+        let sched = Schedule {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            batch: 8,
+            steps: 400,
+        };
+        assert_eq!(sched.factor(0), 1.0);
+        assert!((sched.factor(200) - 0.5).abs() < 1e-12);
+        assert!((sched.factor(100) - (0.5 + 0.5 * std::f64::consts::FRAC_1_SQRT_2)).abs() < 1e-12);
+        assert!(sched.factor(399) > 0.0 && sched.factor(399) < 1e-4);
+    }
 }
