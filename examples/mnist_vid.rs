@@ -20,6 +20,8 @@
 
 #[path = "mnist_vid/chart.rs"]
 mod chart;
+#[path = "mnist_vid/cli.rs"]
+mod cli;
 #[path = "mnist_vid/data.rs"]
 mod data;
 #[path = "mnist_vid/models.rs"]
@@ -35,12 +37,11 @@ mod stats;
 #[path = "mnist_vid/transfer.rs"]
 mod transfer;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use tch::{nn, Device};
+use tch::nn;
 
 use data::{Dataset, Rng, POOL_PER_CLASS};
 use models::{Layers, RunData, RunSpec, Schedule, StudentKind, Teacher, VidInit, Weights};
@@ -58,18 +59,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// The MNIST CSV (gzip): 785 integers a line, 784 pixels then the label.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist_5k.csv.gz"))]
-    data: PathBuf,
-
-    /// Where to write the results [default: results/ of the crate; target/mnist_vid_quick
-    /// with --quick].
-    #[arg(long)]
-    out: Option<PathBuf>,
-
-    /// Where to train: auto (a CUDA GPU when libtorch sees one, else the CPU), cpu, cuda.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    common: cli::Common,
 
     /// Seeds per cell; seed s draws the same training subset for every method, so methods
     /// are compared in pairs [default: 5; 1 with --quick].
@@ -113,18 +104,6 @@ struct Args {
     #[arg(long)]
     width: Option<i64>,
 
-    /// SGD learning rate of networks, hints and regressors (x0.1 at 5/8, 6/8, 7/8 of training).
-    #[arg(long, default_value_t = 0.05)]
-    lr: f64,
-
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
-
-    /// Weight decay of every parameter but the VID variance.
-    #[arg(long, default_value_t = 5e-4)]
-    weight_decay: f64,
-
     /// Candidate learning rates of the VID variance, chosen per student and M by VID-I's
     /// accuracy on the validation digits.
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.5,5")]
@@ -142,33 +121,9 @@ struct Args {
     #[arg(long, value_delimiter = ',', num_args = 0..)]
     ablation_samples: Option<Vec<i64>>,
 
-    /// KD temperature.
-    #[arg(long, default_value_t = 4.0)]
-    temperature: f64,
-
-    /// FitNet hint weight (the reference implementations' 100).
-    #[arg(long, default_value_t = 100.0)]
-    fitnet_weight: f64,
-
-    /// Attention-transfer weight (the reference implementations' 1000).
-    #[arg(long, default_value_t = 1000.0)]
-    at_weight: f64,
-
-    /// NST weight (the reference implementations' 50).
-    #[arg(long, default_value_t = 50.0)]
-    nst_weight: f64,
-
-    /// VID weight lambda per layer pair (the reference implementations' 1.0).
-    #[arg(long, default_value_t = 1.0)]
-    vid_lambda: f64,
-
     /// VID initial per-channel variance (the reference implementations' 5.0).
     #[arg(long, default_value_t = 5.0)]
     vid_init_variance: f64,
-
-    /// Runs trained at once, one thread each [default: the CPU count; 1 on a GPU].
-    #[arg(long)]
-    jobs: Option<usize>,
 
     /// libtorch threads per run. The models are small: one run per core beats one run on
     /// several cores.
@@ -190,52 +145,35 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     tch::set_num_threads(args.threads);
     let quick = args.quick;
-    let device = match args.device.as_str() {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("--device cuda: libtorch sees no CUDA GPU (none here, no driver, or a CPU build of libtorch)"),
-        other => bail!("--device {other:?}: expected auto, cpu or cuda"),
-    };
+    let device = args.common.device()?;
     let on_gpu = device.is_cuda();
     let seeds = args.seeds.unwrap_or(if quick { 1 } else { 5 });
     let sched = Schedule {
-        lr: args.lr,
-        momentum: args.momentum,
-        weight_decay: args.weight_decay,
+        lr: args.common.lr,
+        momentum: args.common.momentum,
+        weight_decay: args.common.weight_decay,
         batch: args.batch.unwrap_or(if on_gpu { 256 } else { 64 }),
         epochs: args.epochs.unwrap_or(if quick { 3 } else { 20 }),
         min_steps: args.min_steps.unwrap_or(if quick { 60 } else { 400 }),
     };
     let teacher_epochs = args.teacher_epochs.unwrap_or(if quick { 2 } else { 15 });
     let width = args.width.unwrap_or(if on_gpu { 4 } else { 1 });
-    let jobs = args.jobs.unwrap_or(if on_gpu {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    });
+    let jobs = args.common.jobs(device);
     let weights = Weights {
-        temperature: args.temperature,
-        fitnet: args.fitnet_weight,
-        at: args.at_weight,
-        nst: args.nst_weight,
-        vid_lambda: args.vid_lambda,
+        temperature: args.common.temperature,
+        fitnet: args.common.fitnet_weight,
+        at: args.common.at_weight,
+        nst: args.common.nst_weight,
+        vid_lambda: args.common.vid_lambda,
         vid_init_variance: args.vid_init_variance,
     };
     let ablation_samples =
         args.ablation_samples
             .clone()
             .unwrap_or(if quick { vec![] } else { vec![7] });
-    let out = args.out.clone().unwrap_or_else(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        root.join(if quick {
-            "target/mnist_vid_quick"
-        } else {
-            "results"
-        })
-    });
-    let students: Vec<StudentKind> = parse_list(&args.students)?;
-    let methods: Vec<Method> = parse_list(&args.methods)?;
+    let out = args.common.out_dir("mnist_vid", quick);
+    let students: Vec<StudentKind> = cli::parse_list(&args.students)?;
+    let methods: Vec<Method> = cli::parse_list(&args.methods)?;
     let max_m = POOL_PER_CLASS as i64;
     if args
         .samples
@@ -249,7 +187,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--width, --batch and --jobs must be at least 1");
     }
 
-    let ds = Dataset::load(&args.data)?;
+    let ds = Dataset::load(&args.common.data)?;
     eprintln!(
         "data: {} images ({} training pool, {} validation, {} test) from {}; device {device:?}, \
          {jobs} run(s) at once",
@@ -257,7 +195,7 @@ fn main() -> anyhow::Result<()> {
         ds.train_pool_len(),
         ds.validation_len(),
         ds.test_len(),
-        args.data.display()
+        args.common.data.display()
     );
 
     // ---- teacher -------------------------------------------------------------------
@@ -450,14 +388,6 @@ fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn parse_list<T: std::str::FromStr<Err = String>>(items: &[String]) -> anyhow::Result<Vec<T>> {
-    items
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)
 }
 
 /// Trains every job, `workers` at a time (one thread each), largest M first; returns them

@@ -20,6 +20,8 @@
 
 #[path = "mnist_vid/chart.rs"]
 mod chart;
+#[path = "mnist_vid/cli.rs"]
+mod cli;
 #[path = "mnist_vid/data.rs"]
 mod data;
 #[path = "mnist_vid_resnet/net.rs"]
@@ -36,13 +38,12 @@ mod train;
 mod transfer;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use tch::{nn, Device, Tensor};
+use tch::{nn, Tensor};
 
 use data::{Dataset, Rng, POOL_PER_CLASS};
 use net::{ResNet, TEACHER_WIDTHS};
@@ -61,18 +62,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// The MNIST CSV (gzip): 785 integers a line, 784 pixels then the label.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist_5k.csv.gz"))]
-    data: PathBuf,
-
-    /// Where to write the results [default: results/ of the crate;
-    /// target/mnist_vid_resnet_quick with --quick].
-    #[arg(long)]
-    out: Option<PathBuf>,
-
-    /// Where to train: auto (a CUDA GPU when libtorch sees one, else the CPU), cpu, cuda.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    common: cli::Common,
 
     /// Seeds per cell; seed s draws the same training subset and the same initial student
     /// for every method, so methods are compared in pairs [default: 5; 1 with --quick].
@@ -101,18 +92,6 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     batch: i64,
 
-    /// SGD learning rate of networks and regressors (cosine to 0 over training).
-    #[arg(long, default_value_t = 0.05)]
-    lr: f64,
-
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
-
-    /// Weight decay of every parameter but the VID variance.
-    #[arg(long, default_value_t = 5e-4)]
-    weight_decay: f64,
-
     /// Candidate initial variances of VID-I, chosen with --variance-lr-candidates on the
     /// validation digits (one setting for every M).
     #[arg(long, value_delimiter = ',', default_value = "5,1,0.1")]
@@ -137,30 +116,6 @@ struct Args {
     /// Skip the choice: this learning rate for the VID variance (with --vid-init-variance).
     #[arg(long)]
     variance_lr: Option<f64>,
-
-    /// KD temperature.
-    #[arg(long, default_value_t = 4.0)]
-    temperature: f64,
-
-    /// FitNet hint weight (the reference implementations' 100).
-    #[arg(long, default_value_t = 100.0)]
-    fitnet_weight: f64,
-
-    /// Attention-transfer weight (the reference implementations' 1000).
-    #[arg(long, default_value_t = 1000.0)]
-    at_weight: f64,
-
-    /// NST weight (the reference implementations' 50).
-    #[arg(long, default_value_t = 50.0)]
-    nst_weight: f64,
-
-    /// VID weight lambda per stage (the reference implementations' 1.0).
-    #[arg(long, default_value_t = 1.0)]
-    vid_lambda: f64,
-
-    /// Runs trained at once, one thread each [default: the CPU count; 1 on a GPU].
-    #[arg(long)]
-    jobs: Option<usize>,
 }
 
 /// The reference implementations' VID-I variance: it starts at 5 and learns at the
@@ -230,41 +185,33 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     let quick = args.quick;
-    let device = match args.device.as_str() {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("--device cuda: libtorch sees no CUDA GPU (none here, no driver, or a CPU build of libtorch)"),
-        other => bail!("--device {other:?}: expected auto, cpu or cuda"),
-    };
+    let device = args.common.device()?;
     let seeds = args.seeds.unwrap_or(if quick { 1 } else { 5 });
     let samples = args
         .samples
         .clone()
         .unwrap_or(if quick { vec![7] } else { vec![2, 7, 35] });
     let methods: Vec<Method> = match &args.methods {
-        Some(list) => parse_list(list)?,
+        Some(list) => cli::parse_list(list)?,
         None if quick => vec![Method::Student, Method::FitNet, Method::Vid],
         None => Method::ALL.to_vec(),
     };
     let sched = Schedule {
-        lr: args.lr,
-        momentum: args.momentum,
-        weight_decay: args.weight_decay,
+        lr: args.common.lr,
+        momentum: args.common.momentum,
+        weight_decay: args.common.weight_decay,
         batch: args.batch,
         steps: args.steps.unwrap_or(if quick { 120 } else { 400 }),
     };
     let teacher_epochs = args.teacher_epochs.unwrap_or(if quick { 3 } else { 10 });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let jobs = args
-        .jobs
-        .unwrap_or(if device.is_cuda() { 1 } else { cores });
+    let jobs = args.common.jobs(device);
     let weights = Weights {
-        temperature: args.temperature,
-        fitnet: args.fitnet_weight,
-        at: args.at_weight,
-        nst: args.nst_weight,
-        vid_lambda: args.vid_lambda,
+        temperature: args.common.temperature,
+        fitnet: args.common.fitnet_weight,
+        at: args.common.at_weight,
+        nst: args.common.nst_weight,
+        vid_lambda: args.common.vid_lambda,
     };
     let reference = VidSetting {
         init_variance: REFERENCE_INIT_VARIANCE,
@@ -293,14 +240,7 @@ fn main() -> anyhow::Result<()> {
                 })
         })
         .collect();
-    let out = args.out.clone().unwrap_or_else(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        root.join(if quick {
-            "target/mnist_vid_resnet_quick"
-        } else {
-            "results"
-        })
-    });
+    let out = args.common.out_dir("mnist_vid_resnet", quick);
     let max_m = POOL_PER_CLASS as i64;
     let in_pool = |ms: &[i64]| !ms.is_empty() && ms.iter().all(|m| (1..=max_m).contains(m));
     if !in_pool(&samples) || !in_pool(&args.selection_samples) {
@@ -321,7 +261,7 @@ fn main() -> anyhow::Result<()> {
         bail!("no VID-I candidate to choose from: give --init-variance-candidates and --variance-lr-candidates");
     }
 
-    let ds = Dataset::load(&args.data)?;
+    let ds = Dataset::load(&args.common.data)?;
     eprintln!(
         "data: {} images ({} training pool, {} validation, {} test) from {}; device {device:?}, \
          {jobs} run(s) at once",
@@ -329,7 +269,7 @@ fn main() -> anyhow::Result<()> {
         ds.train_pool_len(),
         ds.validation_len(),
         ds.test_len(),
-        args.data.display()
+        args.common.data.display()
     );
 
     // ---- teacher (on every core), then its outputs on the evaluation digits -------------
@@ -546,12 +486,4 @@ impl Runner<'_> {
             })
             .collect())
     }
-}
-
-fn parse_list<T: std::str::FromStr<Err = String>>(items: &[String]) -> anyhow::Result<Vec<T>> {
-    items
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::chart::{legend, method_color, register_font, PALETTE};
+use crate::chart::{accuracy_axes, legend, mean_ci_series, method_color, register_font, PALETTE};
 use crate::models::StudentKind;
 use crate::report::{main_cell, RunRecord};
 use crate::stats::mean_ci;
@@ -42,26 +42,7 @@ pub fn accuracy(
         .fold(f64::INFINITY, f64::min);
     let ymin = (((ymin - 3.0) / 5.0).floor() * 5.0).max(0.0);
     for (panel, &kind) in panels.iter().zip(students) {
-        let mut chart = ChartBuilder::on(panel)
-            .caption(title(kind), ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(42)
-            .y_label_area_size(52)
-            .build_cartesian_2d(
-                (lo * 0.8..hi * 1.25)
-                    .log_scale()
-                    .with_key_points(samples.iter().map(|&m| m as f64).collect()),
-                ymin..100.0,
-            )?;
-        chart
-            .configure_mesh()
-            .x_desc("training images per class (log scale)")
-            .y_desc("test accuracy (%), mean and 95% CI")
-            .x_labels(8)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .label_style(("sans-serif", 15))
-            .axis_desc_style(("sans-serif", 16))
-            .draw()?;
+        let mut chart = accuracy_axes(panel, title(kind), samples, ymin)?;
         let t = 100.0 * teacher_acc;
         chart
             .draw_series(LineSeries::new(
@@ -84,21 +65,7 @@ pub fn accuracy(
                 })
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            chart
-                .draw_series(LineSeries::new(
-                    pts.iter().map(|&(x, y, _)| (x, y)),
-                    c.stroke_width(2),
-                ))?
-                .label(method.to_string())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
-            chart
-                .draw_series(pts.iter().map(|&(x, y, ci)| {
-                    ErrorBar::new_vertical(x, y - ci, y, y + ci, c.filled(), 6)
-                }))?;
-            chart.draw_series(
-                pts.iter()
-                    .map(|&(x, y, _)| Circle::new((x, y), 3, c.filled())),
-            )?;
+            mean_ci_series(&mut chart, &pts, c, method.to_string())?;
         }
         legend(&mut chart, SeriesLabelPosition::LowerRight, 14)?;
     }

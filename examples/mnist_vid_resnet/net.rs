@@ -65,6 +65,11 @@ pub struct Features {
 }
 
 impl Features {
+    /// The last stage's output, the head's input.
+    pub fn last_stage(&self) -> &Tensor {
+        &self.stages[self.stages.len() - 1]
+    }
+
     /// New handles to the same tensors, for another thread.
     pub fn share(&self) -> Features {
         Features {

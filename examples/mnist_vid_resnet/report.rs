@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::chart::{legend, method_color, register_font};
+use crate::chart::{accuracy_axes, legend, mean_ci_series, method_color, register_font};
 use crate::stats::{csv_record, fmt_ci, mean_ci, paired, values};
 use crate::train::{RunOutcome, Schedule, VidSetting, Weights};
 use crate::transfer::Method;
@@ -532,35 +532,19 @@ pub fn plot(path: &Path, records: &[RunRecord], info: &RunInfo) -> anyhow::Resul
         Column::Method(m) => method_color(m),
         Column::VidReference => RGBColor(255, 152, 150),
     };
-    let lo = *info.samples.iter().min().unwrap_or(&1) as f64;
-    let hi = *info.samples.iter().max().unwrap_or(&35) as f64;
     let ymin = records
         .iter()
         .filter(|r| r.phase == Phase::Main)
         .map(|r| 100.0 * r.outcome.accuracy())
         .fold(f64::INFINITY, f64::min);
     let ymin = (((ymin - 3.0) / 10.0).floor() * 10.0).clamp(0.0, 90.0);
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption("ResNet teacher -> ResNet student", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(42)
-        .y_label_area_size(52)
-        .build_cartesian_2d(
-            (lo * 0.8..hi * 1.25)
-                .log_scale()
-                .with_key_points(info.samples.iter().map(|&m| m as f64).collect()),
-            ymin..100.0,
-        )?;
-    chart
-        .configure_mesh()
-        .x_desc("training images per class (log scale)")
-        .y_desc("test accuracy (%), mean and 95% CI")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .label_style(("sans-serif", 15))
-        .axis_desc_style(("sans-serif", 16))
-        .draw()?;
+    let mut chart = accuracy_axes(
+        &panels[0],
+        "ResNet teacher -> ResNet student",
+        &info.samples,
+        ymin,
+    )?;
     for &c in &info.columns {
-        let col = color(c);
         let pts: Vec<(f64, f64, f64)> = info
             .samples
             .iter()
@@ -569,17 +553,7 @@ pub fn plot(path: &Path, records: &[RunRecord], info: &RunInfo) -> anyhow::Resul
                 Some((m as f64, mu, if ci.is_nan() { 0.0 } else { ci }))
             })
             .collect();
-        chart
-            .draw_series(LineSeries::new(
-                pts.iter().map(|&(x, y, _)| (x, y)),
-                col.stroke_width(2),
-            ))?
-            .label(c.to_string())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], col.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|&(x, y, ci)| {
-                ErrorBar::new_vertical(x, y - ci, y, y + ci, col.filled(), 6)
-            }))?;
+        mean_ci_series(&mut chart, &pts, color(c), c.to_string())?;
     }
     legend(&mut chart, SeriesLabelPosition::LowerRight, 13)?;
 

@@ -138,7 +138,7 @@ impl CellData {
                 .collect();
             let teacher_out = Features::cat(&parts);
             CellData {
-                teacher_pooled: teacher.pooled(&teacher_out.stages[2], false),
+                teacher_pooled: teacher.pooled(teacher_out.last_stage(), false),
                 teacher: teacher_out,
                 y: y.repeat_interleave_self_int(SHIFTS, 0, None),
                 x,
@@ -181,7 +181,7 @@ impl EvalData {
         tch::no_grad(|| {
             let out = teacher.forward_t(&x, false);
             EvalData {
-                teacher_pooled: teacher.pooled(&out.stages[2], false),
+                teacher_pooled: teacher.pooled(out.last_stage(), false),
                 teacher: out,
                 x,
                 y,
