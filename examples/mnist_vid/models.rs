@@ -4,12 +4,12 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use tch::nn::{self, Module, ModuleT, OptimizerConfig};
+use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 use vidfuse::nn::{VidConfig, VidDistiller, VidLoss};
 
 use crate::data::Rng;
-use crate::transfer::{accuracy, at_loss, kd_loss, nst_loss, Method};
+use crate::transfer::{accuracy, at_loss, kd_loss, nst_loss, sgd, Method};
 
 /// Channels of the teacher's two block outputs (after ReLU and max-pool), and their sizes.
 pub const T_CHANNELS: [i64; 2] = [32, 64];
@@ -256,12 +256,7 @@ impl Schedule {
     }
 
     fn optimizer(&self, vs: &nn::VarStore) -> anyhow::Result<nn::Optimizer> {
-        let sgd = nn::Sgd {
-            momentum: self.momentum,
-            wd: self.weight_decay,
-            ..Default::default()
-        };
-        Ok(sgd.build(vs, self.lr)?)
+        sgd(vs, self.lr, self.momentum, self.weight_decay)
     }
 }
 

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
 /// The columns of the paper's Table 2.
@@ -123,4 +124,20 @@ pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f64 {
         .to_kind(Kind::Float)
         .mean(Kind::Float)
         .double_value(&[])
+}
+
+/// SGD with momentum and weight decay over every variable of `vs`, as the reference
+/// implementations train (the schedules set the learning rate per step).
+pub fn sgd(
+    vs: &nn::VarStore,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> anyhow::Result<nn::Optimizer> {
+    let config = nn::Sgd {
+        momentum,
+        wd: weight_decay,
+        ..Default::default()
+    };
+    Ok(config.build(vs, lr)?)
 }

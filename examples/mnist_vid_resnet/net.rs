@@ -78,12 +78,9 @@ impl Features {
         }
     }
 
-    /// The rows `idx` of every output.
-    pub fn rows(&self, idx: &Tensor) -> Features {
-        Features {
-            stages: self.stages.iter().map(|s| s.index_select(0, idx)).collect(),
-            logits: self.logits.index_select(0, idx),
-        }
+    /// The rows `idx` of every stage output.
+    pub fn stage_rows(&self, idx: &Tensor) -> Vec<Tensor> {
+        self.stages.iter().map(|s| s.index_select(0, idx)).collect()
     }
 
     /// Concatenates along the batch.

@@ -3,13 +3,13 @@
 
 use std::sync::Mutex;
 
-use tch::nn::{self, Module, ModuleT, OptimizerConfig};
+use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 use vidfuse::nn::{VidConfig, VidDistiller};
 
 use crate::data::{Rng, PIXEL_MEAN, PIXEL_STD};
 use crate::net::{Features, ResNet, STUDENT_WIDTHS, TEACHER_WIDTHS};
-use crate::transfer::{accuracy, at_loss, kd_loss, nst_loss, Method};
+use crate::transfer::{accuracy, at_loss, kd_loss, nst_loss, sgd, Method};
 
 /// Translations of up to this many pixels in each direction...
 const MAX_SHIFT: i64 = 2;
@@ -60,12 +60,7 @@ impl Schedule {
     }
 
     fn optimizer(&self, vs: &nn::VarStore) -> anyhow::Result<nn::Optimizer> {
-        let sgd = nn::Sgd {
-            momentum: self.momentum,
-            wd: self.weight_decay,
-            ..Default::default()
-        };
-        Ok(sgd.build(vs, self.lr)?)
+        sgd(vs, self.lr, self.momentum, self.weight_decay)
     }
 }
 
@@ -292,6 +287,7 @@ pub fn train_student(
         opt.set_weight_decay_group(VARIANCE_GROUP, 0.0);
     }
 
+    let uses_stages = !matches!(method, Method::Student | Method::Kd);
     let mut batches = Batches::new(cell.x.size()[0], sched.batch, 2000 + seed);
     let every = (sched.steps / CHECKPOINTS).max(1);
     let (train_x, train_y) = cell.centred();
@@ -306,22 +302,28 @@ pub fn train_student(
         }
         let idx = batches.next(device);
         let (x, y) = (cell.x.index_select(0, &idx), cell.y.index_select(0, &idx));
-        let teacher = cell.teacher.rows(&idx);
+        // Only what the method reads is gathered: a batch of stage outputs is 11 MB.
+        let teacher_stages = if uses_stages {
+            cell.teacher.stage_rows(&idx)
+        } else {
+            Vec::new()
+        };
         let out = student.forward_t(&x, true);
         let ce = out.logits.cross_entropy_for_logits(&y);
         let mut loss = if method.uses_kd() {
+            let teacher_logits = cell.teacher.logits.index_select(0, &idx);
             // Hinton's mix, as the reference implementations: 0.1 CE + 0.9 KD.
-            ce * 0.1 + kd_loss(&out.logits, &teacher.logits, w.temperature) * 0.9
+            ce * 0.1 + kd_loss(&out.logits, &teacher_logits, w.temperature) * 0.9
         } else {
             ce
         };
         if let Some(hint) = &hint {
             let h = hint.forward_t(&out.stages[HINT_STAGE], true);
-            let target = &teacher.stages[HINT_STAGE];
+            let target = &teacher_stages[HINT_STAGE];
             loss = loss + h.mse_loss(target, tch::Reduction::Mean) * w.fitnet;
         }
         // AT and NST on every stage output, as the reference implementations.
-        for (s, t) in out.stages.iter().zip(&teacher.stages) {
+        for (s, t) in out.stages.iter().zip(&teacher_stages) {
             if method.uses_at() {
                 loss = loss + at_loss(s, t) * w.at;
             } else if method == Method::Nst {
@@ -329,7 +331,7 @@ pub fn train_student(
             }
         }
         if let Some(vid) = &vid {
-            loss = loss + vid.f_forward(&out.stages, &teacher.stages)?;
+            loss = loss + vid.f_forward(&out.stages, &teacher_stages)?;
         }
         opt.backward_step(&loss);
         loss_sum += loss.detach().to_kind(Kind::Double);
@@ -547,11 +549,11 @@ mod tests {
         let idx = Tensor::from_slice(&[0i64, 12, 30, 74]);
         let want =
             tch::no_grad(|| teacher.forward_t(&translations(&x).index_select(0, &idx), false));
-        let got = cell.teacher.rows(&idx);
-        for (g, w) in got.stages.iter().zip(&want.stages) {
+        for (g, w) in cell.teacher.stage_rows(&idx).iter().zip(&want.stages) {
             assert!(g.allclose(w, 1e-5, 1e-5, false));
         }
-        assert!(got.logits.allclose(&want.logits, 1e-5, 1e-5, false));
+        let got_logits = cell.teacher.logits.index_select(0, &idx);
+        assert!(got_logits.allclose(&want.logits, 1e-5, 1e-5, false));
         assert_eq!(
             Vec::<i64>::try_from(cell.y.index_select(0, &idx)).unwrap(),
             [4, 4, 1, 7]
